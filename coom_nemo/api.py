@@ -1,0 +1,29 @@
+"""``pretrain``: the plan check, then ``llm.pretrain``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nemo.collections import llm
+
+from coom_nemo.plan import Plan, PlanOptions
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def pretrain(model, data, trainer, log=None, resume=None, optim=None,
+             plan: PlanOptions | None = None) -> Path:
+    """``llm.pretrain`` behind the plan check.
+
+    The check runs on the objects as built, after every CLI override,
+    and before any process group starts; a bad layout or batch size
+    fails with one line naming the field.
+    """
+    checked = Plan.from_parts(model, data, trainer, optim, plan).check()
+    if is_rank_zero():
+        print(checked.summary_line(), flush=True)
+    return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume,
+                        optim=optim)

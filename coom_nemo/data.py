@@ -1,0 +1,121 @@
+"""Data modules: mock tokens and Megatron indexed datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nemo_run as run
+from nemo.collections import llm
+from nemo.collections.llm.gpt.data.mock import _MockGPTDataset
+
+
+class _RepeatingMockDataset(_MockGPTDataset):
+    """Mock samples that repeat every ``period`` indices (learnable)."""
+
+    def __init__(self, *args, period: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.period = period
+
+    def __getitem__(self, idx):
+        return super().__getitem__(idx % self.period)
+
+
+class MockData(llm.MockDataModule):
+    """``llm.MockDataModule`` that yields a mask where attention needs
+    one.
+
+    NeMo 2.7.3's ``MockDataModule.setup`` passes
+    ``create_attention_mask``
+    (set when TransformerEngine is absent) positionally into ``seed``,
+    so
+    no mask is made and ``gpt_forward_step`` asserts; here it goes by
+    keyword.
+
+    Args:
+        repeat_every: If set, sample ``i`` equals sample ``i %
+        repeat_every``:
+            a loss that can fall well below ``ln(vocab)``, for smoke
+            tests.
+    """
+
+    def __init__(self, *args, repeat_every: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.repeat_every = repeat_every
+
+    def setup(self, stage: str = "") -> None:
+        def dataset(name: str, samples: int):
+            kwargs = dict(create_attention_mask=self.create_attention_mask)
+            if self.repeat_every:
+                return _RepeatingMockDataset(self.tokenizer, name, samples, self.seq_length,
+                                             period=self.repeat_every, **kwargs)
+            return _MockGPTDataset(self.tokenizer, name, samples, self.seq_length, **kwargs)
+
+        self._train_ds = dataset("train", self.num_train_samples)
+        self._validation_ds = dataset("valid", self.num_val_samples)
+        self._test_ds = dataset("test", self.num_test_samples)
+
+
+def mock_data(tokenizer: run.Config, seq_length: int, global_batch_size: int,
+              micro_batch_size: int, *, num_train_samples: int = 10_000_000,
+              repeat_every: int | None = None, cpu: bool = False) -> run.Config[MockData]:
+    return run.Config(
+        MockData,
+        seq_length=seq_length,
+        tokenizer=tokenizer,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        num_train_samples=num_train_samples,
+        num_val_samples=max(global_batch_size * 4, 64),
+        num_test_samples=max(global_batch_size * 4, 64),
+        repeat_every=repeat_every,
+        num_workers=0 if cpu else 4,
+        pin_memory=not cpu,
+    )
+
+
+def check_prefixes(prefixes, field: str) -> None:
+    """Each Megatron dataset prefix must have its ``.bin`` and
+    ``.idx``."""
+    for prefix in prefixes:
+        missing = [s for s in (".bin", ".idx") if not Path(f"{prefix}{s}").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{field}: {prefix}{missing[0]} does not exist; run data_prep to build "
+                "the indexed dataset or fix the path (give the prefix without .bin/.idx)"
+            )
+
+
+def indexed_data(paths, tokenizer: run.Config, seq_length: int, global_batch_size: int,
+                 micro_batch_size: int, *, split: str = "990,8,2", seed: int = 1234,
+                 cpu: bool = False, **kwargs) -> run.Config[llm.PretrainingDataModule]:
+    """Megatron indexed datasets (``.bin``/``.idx`` from data_prep).
+
+    ``paths`` is a list of prefixes (split by ``split``) or a dict with
+    ``train``/``validation``/``test`` lists, as
+    ``PretrainingDataModule``
+    takes them.
+    """
+    groups = paths.values() if isinstance(paths, dict) else [paths]
+    for group in groups:
+        check_prefixes([p for p in group if not _is_weight(p)], "data.paths")
+    return run.Config(
+        llm.PretrainingDataModule,
+        paths=paths,
+        seq_length=seq_length,
+        tokenizer=tokenizer,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        split=None if isinstance(paths, dict) else split,
+        seed=seed,
+        num_workers=0 if cpu else 2,
+        pin_memory=not cpu,
+        **kwargs,
+    )
+
+
+def _is_weight(item) -> bool:
+    try:
+        float(item)
+    except (TypeError, ValueError):
+        return False
+    return True

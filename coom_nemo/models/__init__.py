@@ -1,0 +1,1 @@
+"""Model families: configs with a tiny debug size each."""

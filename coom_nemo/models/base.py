@@ -1,0 +1,78 @@
+"""What every coom model config shares.
+
+:class:`CoomConfig` is mixed in front of a NeMo config class. At build
+time (on the node that trains) it turns off the fusions whose kernels
+the node lacks, so one recipe runs on a TransformerEngine container, a
+bare GPU node and a laptop CPU alike, and it adds the fields our layer
+specs read (``attention_gate``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def has_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # a broken install is as good as none
+        return False
+    return True
+
+
+@cache
+def has_apex() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+# Fusion flag -> what provides its kernel.
+_NEEDS_TE = ("apply_rope_fusion", "cross_entropy_loss_fusion", "moe_permute_fusion",
+             "moe_router_fusion", "moe_grouped_gemm")
+_NEEDS_APEX = ("masked_softmax_fusion", "persist_layer_norm", "gradient_accumulation_fusion")
+_NEEDS_CUDA = ("bias_activation_fusion", "bias_dropout_fusion")
+
+
+def adapt_to_runtime(config) -> list[str]:
+    """Turn off fusions this host cannot run; return what was turned
+    off."""
+    missing = []
+    if not has_transformer_engine():
+        missing += _NEEDS_TE
+    if not has_apex():
+        missing += _NEEDS_APEX
+    if not torch.cuda.is_available():
+        missing += _NEEDS_CUDA
+    turned_off = [name for name in missing if getattr(config, name, False)]
+    for name in turned_off:
+        setattr(config, name, False)
+    if not torch.cuda.is_available():
+        config.use_cpu_initialization = True
+    return turned_off
+
+
+@dataclass
+class CoomConfig:
+    """Mixin for NeMo GPT-style configs (put it first in the bases).
+
+    Attributes:
+        attention_gate: Gated attention (Qiu et al., 2025) in every
+        layer:
+            a sigmoid gate computed from the block input multiplies each
+            head's attention output before the output projection.
+    """
+
+    attention_gate: bool = False
+
+    def __post_init__(self):
+        turned_off = adapt_to_runtime(self)
+        if turned_off:
+            log.info("fusions off (kernels missing on this host): %s", ", ".join(turned_off))
+        super().__post_init__()

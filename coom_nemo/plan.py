@@ -1,0 +1,341 @@
+"""Plan check: reject a bad parallel layout or an out-of-memory plan
+before any process group starts.
+
+A :class:`Plan` is read from the same four pieces ``llm.pretrain`` gets
+(model, data, trainer, optimizer), either as NeMo-Run configs (dry run,
+launcher scripts) or as built objects (``coom_nemo.api.pretrain``, after
+CLI overrides). Every error is one line naming the field to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coom_nemo.model_math import ParamCount, count_params, human
+
+
+class PlanError(ValueError):
+    """A launch plan that cannot work; the message names the field."""
+
+    def __init__(self, field: str, problem: str, fix: str):
+        self.field = field
+        super().__init__(f"{field}: {problem}; {fix}")
+
+
+@dataclass
+class PlanOptions:
+    """What the plan check needs beyond ``llm.pretrain``'s arguments.
+
+    Attributes:
+        model_name: Name printed in the summary line.
+        gpu_memory_gb: Memory of one GPU; 0 reads it off the local GPU,
+            or skips the memory check where there is none.
+        check_memory: Refuse plans whose estimate exceeds the GPU.
+    """
+
+    model_name: str = "model"
+    gpu_memory_gb: float = 80.0
+    check_memory: bool = True
+
+
+def _field(obj, name, default=None):
+    """Attribute of a built object or of a fiddle config alike."""
+    try:
+        value = getattr(obj, name)
+    except (AttributeError, ValueError):
+        return default
+    return default if value is None else value
+
+
+@dataclass
+class Plan:
+    """Resolved layout and sizes of one launch."""
+
+    name: str
+    cfg: object  # built model config (megatron-core field names)
+    num_nodes: int
+    gpus_per_node: int
+    tp: int = 1
+    pp: int = 1
+    vp: int | None = None
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    sp: bool = False
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    mbs: int = 1
+    gbs: int = 1
+    seq_length: int = 2048
+    precision: str = "bf16"
+    cpu: bool = False
+    distributed_optimizer: bool = True
+    gpu_memory_gb: float = 80.0
+    check_memory: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.model_parallel
+
+    @property
+    def params(self) -> ParamCount:
+        return count_params(self.cfg)
+
+    @property
+    def layout(self) -> str:
+        return f"TP{self.tp}.PP{self.pp}.CP{self.cp}.EP{self.ep}.VP{self.vp or 1}"
+
+    def summary_line(self) -> str:
+        p = self.params
+        return (
+            f"model={self.name} params={human(p.total)} active_params={human(p.active)} "
+            f"layout={self.layout} gpus={self.world_size}"
+        )
+
+    @classmethod
+    def from_parts(cls, model, data, trainer, optim=None, options=None) -> Plan:
+        """Read a plan from configs or built objects alike."""
+        options = options or PlanOptions()
+        strategy = _field(trainer, "strategy")
+        cfg = _field(model, "config")
+        if cfg is not None and not hasattr(cfg, "__dataclass_fields__"):
+            import fiddle as fdl
+
+            cfg = fdl.build(cfg)
+        devices = _field(trainer, "num_devices") or _field(trainer, "devices", 1)
+        accelerator = _field(trainer, "accelerator", "gpu")
+        cpu = "cpu" in str(type(accelerator).__name__).lower() or accelerator == "cpu"
+        plugins = _field(trainer, "plugins") or _field(strategy, "precision_plugin")
+        precision = _precision_name(plugins, cpu)
+        opt_cfg = _field(optim, "config")
+        return cls(
+            name=options.model_name,
+            cfg=cfg,
+            num_nodes=int(_field(trainer, "num_nodes", 1)),
+            gpus_per_node=int(devices) if str(devices) != "auto" else 1,
+            tp=int(_field(strategy, "tensor_model_parallel_size", 1)),
+            pp=int(_field(strategy, "pipeline_model_parallel_size", 1)),
+            vp=_field(strategy, "virtual_pipeline_model_parallel_size"),
+            cp=int(_field(strategy, "context_parallel_size", 1)),
+            ep=int(_field(strategy, "expert_model_parallel_size", 1)),
+            etp=_field(strategy, "expert_tensor_parallel_size"),
+            sp=bool(_field(strategy, "sequence_parallel", False)),
+            first_stage_layers=_field(strategy, "num_layers_in_first_pipeline_stage"),
+            last_stage_layers=_field(strategy, "num_layers_in_last_pipeline_stage"),
+            mbs=int(_field(data, "micro_batch_size", 1)),
+            gbs=int(_field(data, "global_batch_size", 1)),
+            seq_length=int(_field(data, "seq_length", _field(cfg, "seq_length", 2048))),
+            precision=precision,
+            cpu=cpu,
+            distributed_optimizer=bool(_field(opt_cfg, "use_distributed_optimizer", False)),
+            gpu_memory_gb=options.gpu_memory_gb,
+            check_memory=options.check_memory and not cpu,
+        )
+
+    def check(self) -> Plan:
+        """Raise :class:`PlanError` for the first problem found."""
+        self._check_layout()
+        self._check_batch()
+        if self.check_memory:
+            self._check_memory()
+        return self
+
+    def _check_layout(self) -> None:
+        c = self.cfg
+        for name, value in (("trainer.num_nodes", self.num_nodes),
+                            ("trainer.devices", self.gpus_per_node)):
+            if value < 1:
+                raise PlanError(name, f"is {value}", "use 1 or more")
+        if self.world_size % self.model_parallel:
+            raise PlanError(
+                "trainer.num_nodes",
+                f"{self.num_nodes} nodes x {self.gpus_per_node} GPUs = {self.world_size} GPUs "
+                f"is not a multiple of TP*PP*CP = {self.model_parallel}",
+                f"use a node count whose GPU total divides by {self.model_parallel}, "
+                "or change the layout",
+            )
+        tp_field = "trainer.strategy.tensor_model_parallel_size"
+        heads = int(c.num_attention_heads)
+        if heads % self.tp:
+            raise PlanError(tp_field, f"TP={self.tp} does not divide the {heads} attention heads",
+                            f"use a TP that divides {heads}")
+        groups = int(_field(c, "num_query_groups", heads))
+        if not _field(c, "multi_latent_attention", False) and groups % self.tp:
+            raise PlanError(tp_field, f"TP={self.tp} does not divide the {groups} KV groups",
+                            f"use a TP that divides {groups}")
+        ffn = int(_field(c, "ffn_hidden_size", 0))
+        if ffn % self.tp:
+            raise PlanError(tp_field, f"TP={self.tp} does not divide ffn_hidden_size={ffn}",
+                            f"use a TP that divides {ffn}")
+        layers = int(c.num_layers)
+        pp_field = "trainer.strategy.pipeline_model_parallel_size"
+        uneven = bool(_field(c, "account_for_embedding_in_pipeline_split", False)
+                      or _field(c, "account_for_loss_in_pipeline_split", False))
+        middle = layers
+        if self.first_stage_layers or self.last_stage_layers:
+            edges = (self.first_stage_layers or 0) + (self.last_stage_layers or 0)
+            inner_stages = self.pp - bool(self.first_stage_layers) - bool(self.last_stage_layers)
+            middle = layers - edges
+            if inner_stages < 1 or middle % inner_stages:
+                raise PlanError("trainer.strategy.num_layers_in_first_pipeline_stage",
+                                f"{middle} layers between the first and last stage do not "
+                                f"split evenly over {max(inner_stages, 0)} stages",
+                                "change the first/last stage layer counts or PP")
+            uneven = True
+        if self.pp > layers:
+            raise PlanError(pp_field, f"PP={self.pp} exceeds the {layers} layers",
+                            f"use PP <= {layers}")
+        if not uneven and layers % self.pp:
+            raise PlanError(pp_field, f"PP={self.pp} does not divide the {layers} layers",
+                            "use a PP that divides them, or an uneven split "
+                            "(num_layers_in_first/last_pipeline_stage)")
+        if self.vp and self.vp > 1:
+            if self.pp == 1:
+                raise PlanError("trainer.strategy.virtual_pipeline_model_parallel_size",
+                                "VP needs pipeline parallelism", "set PP > 1 or VP to None")
+            if not uneven and (layers // self.pp) % self.vp:
+                raise PlanError("trainer.strategy.virtual_pipeline_model_parallel_size",
+                                f"VP={self.vp} does not divide the {layers // self.pp} layers "
+                                "per pipeline stage", "choose VP dividing layers/PP")
+        if self.cp > 1 and self.seq_length % (2 * self.cp):
+            raise PlanError("trainer.strategy.context_parallel_size",
+                            f"seq_length={self.seq_length} is not divisible by 2*CP={2 * self.cp}",
+                            "pick CP so that 2*CP divides the sequence length")
+        experts = int(_field(c, "num_moe_experts", 0))
+        ep_field = "trainer.strategy.expert_model_parallel_size"
+        if self.ep > 1 and not experts:
+            raise PlanError(ep_field, f"EP={self.ep} on a dense model", "set EP to 1")
+        if experts and experts % self.ep:
+            raise PlanError(ep_field, f"EP={self.ep} does not divide the {experts} experts",
+                            f"use an EP that divides {experts}")
+        etp = self.etp or self.tp
+        expert_group = etp * self.ep * self.pp
+        if experts and self.world_size % expert_group:
+            raise PlanError(ep_field, f"{self.world_size} GPUs are not a multiple of "
+                            f"ETP*EP*PP = {expert_group}", "lower EP or ETP")
+
+    def _check_batch(self) -> None:
+        if self.mbs < 1:
+            raise PlanError("data.micro_batch_size", f"is {self.mbs}", "use 1 or more")
+        per_step = self.mbs * self.dp
+        if self.gbs % per_step:
+            raise PlanError(
+                "data.global_batch_size",
+                f"GBS={self.gbs} is not divisible by MBS*DP = {self.mbs}*{self.dp} = {per_step}",
+                f"use a multiple of {per_step}",
+            )
+
+    def memory_estimate_gb(self) -> dict[str, float]:
+        """Per-GPU memory estimate of the most loaded pipeline stage.
+
+        Weights + gradients + Adam state of the stage's parameters
+        (sharded over DP with the distributed optimizer) and the
+        activations the pipeline schedule keeps alive (after Korthikanti
+        et al., 2022, with flash attention: no s^2 term). A planning
+        figure: expect +-15%.
+        """
+        c = self.cfg
+        p = count_params(c, self.tp)
+        h = int(c.hidden_size)
+        layers = int(c.num_layers)
+        experts = int(_field(c, "num_moe_experts", 0))
+        expert_share = p.routed_experts
+        dense = p.total - p.embedding - expert_share
+        etp = self.etp or self.tp
+        # the first stage also holds the input embedding (and, with
+        # tied weights or PP=1, the output layer)
+        stage_dense = dense / (self.tp * self.pp) + p.embedding / self.tp / min(self.pp, 2)
+        stage_expert = expert_share / (etp * self.ep * self.pp)
+        expert_dp = max(1, self.world_size // (etp * self.ep * self.pp))
+        if self.precision == "fp32":
+            weight_bytes, grad_bytes, master_bytes = 4, 4, 0
+        else:
+            weight_bytes, grad_bytes, master_bytes = 2, 4, 4
+        optim_bytes = 8 + master_bytes
+        if self.distributed_optimizer:
+            states = stage_dense * optim_bytes / self.dp + stage_expert * optim_bytes / expert_dp
+        else:
+            states = (stage_dense + stage_expert) * optim_bytes
+        weights = (stage_dense + stage_expert) * (weight_bytes + grad_bytes)
+        act_bytes = 2 if self.precision != "fp32" else 4
+        ffn = int(_field(c, "moe_ffn_hidden_size", 0) or c.ffn_hidden_size) if experts else int(
+            c.ffn_hidden_size)
+        topk = int(_field(c, "moe_router_topk", 1)) if experts else 1
+        up = 2 * ffn if _field(c, "gated_linear_unit", False) else ffn
+        heads = int(c.num_attention_heads)
+        kv_ratio = int(_field(c, "num_query_groups", heads)) / heads
+        tokens = self.seq_length * self.mbs / self.cp
+        # Tensors a layer saves for backward, in elements per token (TE
+        # spec, flash attention, no dropout): norm inputs and outputs
+        # (4h), Q/K/V (h(1+2g/a)), attention output (h), residual (h),
+        # then the MLP's fc1 output and activation output per routed
+        # copy.
+        per_token = (6 + 2 * kv_ratio) * h + topk * (up + ffn)
+        per_layer = tokens * per_token * act_bytes
+        per_layer /= self.tp if self.sp or self.tp == 1 else 1
+        if _field(c, "recompute_granularity") == "full":
+            per_layer = tokens * h * act_bytes / self.tp
+        # 1F1B keeps pp micro-batches of layers/pp layers alive on the
+        # first stage; interleaving adds (pp-1)/(pp*vp) of that.
+        micro_batches = max(1, self.gbs // (self.mbs * self.dp))
+        in_flight = layers / self.pp * min(self.pp, micro_batches)
+        if self.vp and self.pp > 1:
+            in_flight *= 1 + (self.pp - 1) / (self.pp * self.vp)
+        activations = per_layer * in_flight
+        logits = tokens * int(p.embedding / h / (1 if _field(
+            c, "share_embeddings_and_output_weights", False) else 2)) * 4 / self.tp
+        overhead = 3e9  # CUDA context, NCCL buffers, allocator slack
+        gib = 1024**3
+        return {
+            "weights_and_grads": weights / gib,
+            "optimizer": states / gib,
+            "activations": (activations + logits) / gib,
+            "total": (weights + states + activations + logits + overhead) / gib,
+        }
+
+    def _check_memory(self) -> None:
+        capacity = self.gpu_memory_gb or _local_gpu_memory_gb()
+        if not capacity:
+            return
+        estimate = self.memory_estimate_gb()
+        if estimate["total"] > capacity:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in estimate.items() if k != "total")
+            raise PlanError(
+                "trainer.strategy",
+                f"estimated {estimate['total']:.1f} GiB per GPU ({parts}) exceeds "
+                f"{capacity:.0f} GiB",
+                "raise TP/PP (or EP for experts), use the distributed optimizer, "
+                "enable activation recompute or lower the micro batch size",
+            )
+
+
+def _precision_name(plugins, cpu: bool) -> str:
+    plugin = plugins[0] if isinstance(plugins, (list, tuple)) and plugins else plugins
+    if plugin is None:
+        return "fp32" if cpu else "bf16"
+    dtype_config = _field(plugin, "dtype_config", plugin)
+    fp8 = _field(dtype_config, "fp8")
+    if fp8:
+        return f"fp8-{_field(dtype_config, 'fp8_recipe', 'delayed')}"
+    precision = str(_field(plugin, "precision", "") or "")
+    if _field(dtype_config, "bf16", False) or "bf16" in precision:
+        return "bf16"
+    if _field(dtype_config, "fp16", False) or "16" in precision:
+        return "fp16"
+    return "fp32"
+
+
+def _local_gpu_memory_gb() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 1024**3

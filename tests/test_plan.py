@@ -1,0 +1,73 @@
+"""Plan check: bad layouts and batch sizes fail early, naming the
+field."""
+
+import fiddle as fdl
+import pytest
+import torch
+
+from coom_nemo.plan import PlanError
+from coom_nemo.recipe import Layout, check_recipe
+from coom_nemo.recipes import FACTORIES, llama31_405b
+
+
+def debug_llama(**kwargs):
+    return llama31_405b.pretrain_recipe(size="debug", cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_every_factory_builds_a_recipe_that_passes_its_plan(name, capsys):
+    recipe = FACTORIES[name]()
+    plan = check_recipe(recipe)
+    assert plan.world_size == recipe.trainer.num_nodes * recipe.trainer.devices
+    assert f"gpus={plan.world_size}" in capsys.readouterr().out
+
+
+def test_tp_not_dividing_heads_is_refused_by_the_factory():
+    with pytest.raises(PlanError) as error:
+        debug_llama(gpus_per_node=3, layout="TP3")
+    assert error.value.field == "trainer.strategy.tensor_model_parallel_size"
+    assert "4 attention heads" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_gbs_not_divisible_by_mbs_times_dp():
+    with pytest.raises(PlanError) as error:
+        debug_llama(gpus_per_node=2, global_batch_size=6, micro_batch_size=2)
+    assert error.value.field == "data.global_batch_size"
+    assert "MBS*DP = 2*2 = 4" in str(error.value)
+
+
+def test_layout_that_does_not_fit_the_nodes():
+    with pytest.raises(PlanError) as error:
+        llama31_405b.pretrain_recipe(num_nodes=70)
+    assert error.value.field == "trainer.num_nodes"
+
+
+def test_out_of_memory_plan_is_refused():
+    with pytest.raises(PlanError) as error:
+        llama31_405b.pretrain_recipe(layout="TP8.PP9.VP7.CP2")
+    assert "exceeds 80 GiB" in str(error.value)
+
+
+def test_override_after_the_factory_is_checked_before_any_process_group():
+    recipe = debug_llama(gpus_per_node=4, global_batch_size=8)
+    recipe.trainer.strategy.tensor_model_parallel_size = 4  # 2 KV groups
+    with pytest.raises(PlanError, match="parallel_size: TP=4 does not divide the 2 KV"):
+        fdl.build(recipe)()
+    assert not torch.distributed.is_initialized()
+
+
+def test_fp8_without_transformer_engine_fails_on_the_host():
+    recipe = llama31_405b.pretrain_recipe(size="debug", gpus_per_node=1,
+                                          precision="fp8-delayed")
+    with pytest.raises(PlanError) as error:
+        fdl.build(recipe)()
+    assert error.value.field == "trainer.plugins"
+    assert "TransformerEngine" in str(error.value)
+
+
+def test_layout_text_round_trips_through_the_summary_form():
+    layout = Layout(tp=8, pp=9, vp=7, cp=2).updated("TP4.EP2.VP1")
+    assert (layout.tp, layout.pp, layout.vp, layout.cp, layout.ep) == (4, 9, None, 2, 2)
+    with pytest.raises(ValueError, match="cannot read 'XP2'"):
+        Layout().updated("TP2.XP2")
