@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from coom_nemo.models.base import has_transformer_engine
 
@@ -14,7 +16,23 @@ def use_transformer_engine() -> bool:
     return has_transformer_engine() and torch.cuda.is_available()
 
 
-class LocalMLACoreAttention(DotProductAttention):
+class LocalCoreAttention(DotProductAttention):
+    """megatron-core's local core attention with its sinks initialised.
+
+    megatron/core/transformer/dot_product_attention.py:120-128 makes the
+    learnable softmax offset (GPT-OSS attention sinks) with
+    ``torch.empty`` and nothing initialises it: garbage such as 1e18
+    silences whole heads. Start it at 0, as TransformerEngine does.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.softmax_offset, torch.nn.Parameter):
+            with torch.no_grad():
+                self.softmax_offset.zero_()
+
+
+class LocalMLACoreAttention(LocalCoreAttention):
     """megatron-core's local core attention, usable by MLA.
 
     MLA builds its core attention with ``k_channels``/``v_channels``
@@ -27,6 +45,23 @@ class LocalMLACoreAttention(DotProductAttention):
         super().__init__(*args, **kwargs)
         if v_channels is not None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+
+class LocalExpertRowParallelLinear(RowParallelLinear):
+    """megatron-core's local ``linear_fc2`` for experts with a bias.
+
+    With EP=1 and expert TP=1, RowParallelLinear sends its output
+    through a no-op all-reduce Function that returns its input, a view;
+    megatron/core/transformer/mlp.py:231 then adds the expert bias in
+    place, which autograd refuses ("Output 0 of
+    _ReduceFromModelParallelRegion is a view"). Experts leave that
+    communication to the token dispatcher, as they do for EP > 1 (and
+    shared_experts.py:100 sets the same flag), so mark it explicit.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.explicit_expert_comm = self.is_expert
 
 
 def _bind_missing_te_names() -> None:
@@ -45,7 +80,8 @@ def layer_spec(config, vp_stage: int | None = None):
     megatron-core's decoder block spec places MoE layers by
     ``moe_layer_freq`` and honours the pipeline layout; TE modules are
     used where :func:`use_transformer_engine`, else megatron-core's
-    local modules (with :class:`LocalMLACoreAttention` for MLA).
+    local modules with the fixes above (core attention, MLA, expert
+    biases).
     """
     if getattr(config, "attention_gate", False):
         raise NotImplementedError("attention_gate: gated attention spec not available yet")
@@ -54,8 +90,11 @@ def layer_spec(config, vp_stage: int | None = None):
                                        normalization=config.normalization, vp_stage=vp_stage)
     if not te:
         _bind_missing_te_names()
-        if getattr(config, "multi_latent_attention", False):
-            for layer in block.layer_specs:
-                layer.submodules.self_attention.submodules.core_attention = (
-                    LocalMLACoreAttention)
+        mla = getattr(config, "multi_latent_attention", False)
+        for layer in block.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = (
+                LocalMLACoreAttention if mla else LocalCoreAttention)
+            experts = getattr(layer.submodules.mlp.submodules, "experts", None)
+            if experts is not None and experts.module is SequentialMLP:
+                experts.submodules.linear_fc2 = LocalExpertRowParallelLinear
     return block
