@@ -1,4 +1,4 @@
-"""GPT-OSS family."""
+"""GPT-OSS family (OpenAI gpt-oss-20b architecture)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,32 @@ from coom_nemo.models.specs import layer_spec
 @dataclass
 class CoomGptOssConfig(CoomConfig, GPTOSSConfig20B):
     """GPT-OSS: MoE every layer, alternating 128-token sliding window
-    and
-    full attention, learnable attention sinks, YaRN, clamped SwiGLU."""
+    and full attention, learnable attention sinks, YaRN, clamped SwiGLU.
+
+    Two fields differ from NeMo 2.7.3's ``GPTOSSConfig`` so that the
+    model computes what the released weights expect (as in transformers
+    and Megatron-Bridge): the 128-token window counts the current token,
+    which megatron-core writes as ``(127, 0)``; and YaRN scales cos/sin
+    by ``0.1 ln(32) + 1``, which needs ``yarn_mscale_all_dim=0``.
+    """
 
     transformer_layer_spec: object = layer_spec
+    window_size: tuple[int, int] | None = (127, 0)
+    yarn_mscale_all_dim: float = 0.0
+
+
+class CoomGptOssModel(GPTOSSModel):
+    """``GPTOSSModel`` whose Hugging Face import fills this model's own
+    config (size, ``attention_gate``); see
+    :mod:`coom_nemo.models.gpt_oss_hf`."""
+
+    def importer(self, path: str):
+        # ConnectorMixin.importer is a class method; NeMo calls it on
+        # the model (nemo/lightning/io/api.py:166), so hand the
+        # connector the config to import into.
+        connector = type(self)._get_connector(path, importer=True)
+        connector.target_config = self.config
+        return connector
 
 
 SIZES = {
@@ -36,5 +58,10 @@ def gpt_oss_config(size: str = "20b", **overrides) -> run.Config[CoomGptOssConfi
     return run.Config(CoomGptOssConfig, **{**SIZES[size], **overrides})
 
 
-def gpt_oss_model(size: str = "20b", **overrides) -> run.Config[GPTOSSModel]:
-    return run.Config(GPTOSSModel, config=gpt_oss_config(size, **overrides))
+def gpt_oss_model(size: str = "20b", **overrides) -> run.Config[CoomGptOssModel]:
+    return run.Config(CoomGptOssModel, config=gpt_oss_config(size, **overrides))
+
+
+# Registers the Hugging Face importer and exporter of CoomGptOssModel
+# wherever the model is used (export finds it through the checkpoint).
+from coom_nemo.models import gpt_oss_hf  # noqa: E402, F401

@@ -1,0 +1,67 @@
+"""A tiny GPT-OSS Hugging Face checkpoint, made here (no download).
+
+Sizes differ from each other (hidden 64, expert width 96, head 16) so a
+transposed or misplaced tensor cannot go unnoticed; the 8-token window
+is shorter than the test sequences; YaRN keeps gpt-oss-20b's settings.
+"""
+
+from pathlib import Path
+
+import torch
+
+STORIES = [
+    "Once upon a time there was a little dog named Max. Max liked to run in the park.",
+    "One day a girl called Lily found a red ball. She gave the ball to her friend Tom.",
+    "The sun was warm and the birds sang. Tom and Lily played until it was dark.",
+    "Max was tired after the long walk. He slept under the big green tree.",
+]
+
+
+def make_tokenizer(directory: Path, vocab_size: int = 384):
+    """Byte-level BPE trained on STORIES, saved in HF form."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(STORIES * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_tiny_gpt_oss(directory: Path, seed: int = 0) -> Path:
+    """A random tiny GptOssForCausalLM (fp32) and its tokenizer."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    directory = Path(directory)
+    config = GptOssConfig(
+        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=384,
+        hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, dtype=torch.float32,
+        eos_token_id=0, bos_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).float()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:  # every bias and sink non-zero, so each mapping counts
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(directory)
+    make_tokenizer(directory)
+    return directory
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import GptOssForCausalLM
+
+    model = GptOssForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(tokens).logits
