@@ -1,4 +1,4 @@
-"""``pretrain``: the plan check, then ``llm.pretrain``."""
+"""``pretrain`` and ``finetune``: the plan check, then NeMo's."""
 
 from __future__ import annotations
 
@@ -22,8 +22,21 @@ def pretrain(model, data, trainer, log=None, resume=None, optim=None,
     and before any process group starts; a bad layout or batch size
     fails with one line naming the field.
     """
+    _check(model, data, trainer, optim, plan)
+    return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume,
+                        optim=optim)
+
+
+def finetune(model, data, trainer, log=None, resume=None, optim=None,
+             plan: PlanOptions | None = None, peft=None) -> Path:
+    """``llm.finetune`` (full, or PEFT such as LoRA) behind the same
+    plan check as :func:`pretrain`."""
+    _check(model, data, trainer, optim, plan)
+    return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume,
+                        optim=optim, peft=peft)
+
+
+def _check(model, data, trainer, optim, plan) -> None:
     checked = Plan.from_parts(model, data, trainer, optim, plan).check()
     if is_rank_zero():
         print(checked.summary_line(), flush=True)
-    return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume,
-                        optim=optim)

@@ -116,6 +116,10 @@ def _tensor_cuda() -> Undo:
     return _swap(torch.Tensor, "cuda", lambda self, *a, **k: self)
 
 
+def _cuda_long_tensor() -> Undo:
+    return _swap(torch.cuda, "LongTensor", torch.LongTensor)
+
+
 def _synchronize() -> Undo:
     return _swap(torch.cuda, "synchronize", lambda *a, **k: None)
 
@@ -202,6 +206,10 @@ PATCHES: tuple[Patch, ...] = (
           "megatron/core/optimizer/optimizer.py:469-481,903 and clip_grads.py:90-206; "
           "clip_grads.py:167 asserts a torch.cuda.FloatTensor grad type",
           _cuda_tensors_on_host),
+    Patch("cuda_long_tensor",
+          "torch.cuda.LongTensor(...): nemo/collections/llm/gpt/data/utils.py:777 "
+          "(the fine-tuning dataset's check that every rank built its index)",
+          _cuda_long_tensor),
     Patch("synchronize",
           "torch.cuda.synchronize(): megatron/core/pipeline_parallel/"
           "p2p_communication.py:398 (PP>1)",

@@ -119,3 +119,36 @@ def _is_weight(item) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def sft_data(data_dir, seq_length: int, global_batch_size: int, micro_batch_size: int, *,
+             cpu: bool = False) -> run.Config[llm.FineTuningDataModule]:
+    """Fine-tuning data from local JSONL files.
+
+    ``data_dir`` holds ``training.jsonl`` and ``validation.jsonl``, one
+    record a line, either instructions, ``{"input": ..., "output":
+    ...}`` (the loss counts the output), or chats, ``{"messages":
+    [{"role": ..., "content": ...}, ...]}`` (rendered by the
+    tokenizer's chat template; the loss counts the assistant turns).
+    The first record decides which. The tokenizer is the model's.
+    """
+    import json
+
+    root = Path(data_dir)
+    for name in ("training.jsonl", "validation.jsonl"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"data_dir: {root / name} does not exist; put "
+                                    "training.jsonl and validation.jsonl there")
+    with open(root / "training.jsonl") as lines:
+        chat = "messages" in json.loads(lines.readline())
+    extra = dict(use_hf_tokenizer_chat_template=True) if chat else {}
+    return run.Config(
+        llm.ChatDataModule if chat else llm.FineTuningDataModule,
+        dataset_root=str(root),
+        seq_length=seq_length,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        num_workers=0 if cpu else 2,
+        pin_memory=not cpu,
+        **extra,
+    )

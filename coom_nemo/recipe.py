@@ -295,6 +295,24 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
     return recipe
 
 
+def finetune_recipe(*, restore_path: str, peft: run.Config | None = None,
+                    extras: Extras | None = None, **pieces) -> run.Partial:
+    """:func:`pretrain_recipe`'s recipe, started from the weights at
+    ``restore_path`` (e.g. a Hugging Face import) and run through
+    ``llm.finetune``; ``peft`` (e.g. LoRA) trains adapters only."""
+    import dataclasses
+
+    import fiddle as fdl
+
+    from coom_nemo import api
+
+    extras = dataclasses.replace(extras or Extras(), restore_path=restore_path)
+    recipe = pretrain_recipe(extras=extras, **pieces)
+    fdl.update_callable(recipe, api.finetune)
+    recipe.peft = peft
+    return recipe
+
+
 def check_recipe(recipe: run.Partial) -> Plan:
     """Plan check of a recipe as configured (no weights are built)."""
     return Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import tempfile
 from functools import cached_property
 from pathlib import Path
 
@@ -193,14 +194,17 @@ class HFGptOssImporter(HFGPTOSSImporter):
     """
 
     target_config: CoomGptOssConfig | None = None
+    tokenizer_assets: str | None = None  # where apply saves the tokenizer
 
     def apply(self, output_path: Path) -> Path:
         tensors = self.hf_tensors()
         check_shapes(tensors, hf_config_from(self.config))
-        target = self.init()
-        trainer = self.nemo_setup(target)
-        self.convert_state(_ModelState(tensors), target)
-        self.nemo_save(output_path, trainer)
+        with tempfile.TemporaryDirectory() as assets:
+            self.tokenizer_assets = assets
+            target = self.init()
+            trainer = self.nemo_setup(target)
+            self.convert_state(_ModelState(tensors), target)
+            self.nemo_save(output_path, trainer)
         teardown(trainer, target)
         return output_path
 
@@ -246,12 +250,16 @@ class HFGptOssImporter(HFGPTOSSImporter):
     @cached_property
     def tokenizer(self):
         from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+        from transformers import AutoTokenizer as HFAutoTokenizer
 
         if not any((Path(self) / name).exists()
                    for name in ("tokenizer.json", "tokenizer_config.json")):
             log.warning("no tokenizer in %s: the checkpoint will have none", self)
             return None
-        return AutoTokenizer(str(self))
+        # NeMo copies the tokenizer's directory into the checkpoint:
+        # hand it the tokenizer files, not the weights beside them
+        HFAutoTokenizer.from_pretrained(str(self)).save_pretrained(self.tokenizer_assets)
+        return AutoTokenizer(self.tokenizer_assets)
 
     def convert_state(self, source, target):
         norm, experts = _spec_names(target)

@@ -9,6 +9,13 @@ from coom_nemo.recipes import deepseek, gpt_oss_20b, llama31_405b
 FACTORIES = {
     "coom_llama31_405b": llama31_405b.pretrain_recipe,
     "coom_gpt_oss_20b": gpt_oss_20b.pretrain_recipe,
+    "coom_gpt_oss_20b_gated": gpt_oss_20b.pretrain_recipe_gated,
     "coom_deepseek": deepseek.pretrain_recipe,
     "coom_deepseek_v3": deepseek.pretrain_recipe_v3,
+}
+
+# Fine-tuning from an imported checkpoint (``nemo llm finetune``).
+FINETUNE_FACTORIES = {
+    "coom_gpt_oss_20b_lora": gpt_oss_20b.lora_recipe,
+    "coom_gpt_oss_20b_sft": gpt_oss_20b.sft_recipe,
 }

@@ -1,14 +1,33 @@
-"""GPT-OSS 20B pretraining (``coom_gpt_oss_20b``)."""
+"""GPT-OSS 20B recipes.
+
+Pretraining: ``coom_gpt_oss_20b`` and its gated-attention variant
+``coom_gpt_oss_20b_gated``. Fine-tuning from an imported checkpoint
+(:func:`coom_nemo.models.gpt_oss_hf.import_from_hf`) on local JSONL:
+``coom_gpt_oss_20b_lora`` (adapters on attention) and
+``coom_gpt_oss_20b_sft`` (all weights).
+"""
 
 # No `from __future__ import annotations`: NeMo-Run reads the
 # factories' annotations as types to parse CLI arguments.
+import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import nemo_run as run
 from nemo.collections import llm
 
+from coom_nemo.data import sft_data
 from coom_nemo.models.gpt_oss import gpt_oss_model
-from coom_nemo.recipe import Cluster, Layout, Optim, Preset, Schedule, from_preset
+from coom_nemo.peft import LoRA
+from coom_nemo.recipe import (
+    Cluster,
+    Layout,
+    Optim,
+    Preset,
+    Schedule,
+    finetune_recipe,
+    from_preset,
+)
 
 PRESETS = {
     "20b": Preset(
@@ -34,6 +53,36 @@ PRESETS = {
     ),
 }
 
+GATED_PRESETS = {size: dataclasses.replace(preset, model=gpt_oss_model(size, attention_gate=True))
+                 for size, preset in PRESETS.items()}
+
+# Fine-tuning differs from pretraining in layout, batch and optimizer
+# only; the 20b values follow NeMo 2.7.3's gpt_oss_20b finetune_recipe
+# (LoRA on TP1/EP1 at 1e-4, full SFT on EP4 x PP2 at 5e-6).
+FINETUNE = {
+    ("20b", "lora"): dict(layout=Layout(), global_batch_size=32,
+                          optim=Optim(lr=1e-4, warmup_steps=50, weight_decay=0.0)),
+    ("20b", "sft"): dict(layout=Layout(pp=2, ep=4), global_batch_size=32,
+                         optim=Optim(lr=5e-6, warmup_steps=50)),
+    ("debug", "lora"): dict(layout=Layout(), global_batch_size=4,
+                            optim=Optim(lr=1e-2, warmup_steps=2, weight_decay=0.0)),
+    ("debug", "sft"): dict(layout=Layout(), global_batch_size=4,
+                           optim=Optim(lr=1e-3, warmup_steps=2)),
+}
+FINETUNE_SCHEDULE = {"20b": Schedule(max_steps=1000, val_check_interval=50),
+                     "debug": Schedule(max_steps=10, val_check_interval=5, limit_val_batches=1)}
+
+
+def _pretrain(presets, size, name, dir, num_nodes, gpus_per_node, global_batch_size,
+              micro_batch_size, seq_length, max_steps, precision, layout, data_paths, tokenizer,
+              cpu):
+    return from_preset(
+        presets, size, name=name, dir=dir, num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
+        precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
+    )
+
 
 @run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b")
 def pretrain_recipe(
@@ -53,9 +102,119 @@ def pretrain_recipe(
     cpu: bool = False,
 ) -> run.Partial:
     """GPT-OSS 20B; ``size="debug"`` is the same recipe, tiny."""
-    return from_preset(
-        PRESETS, size, name=name or f"gpt_oss_{size}", dir=dir, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
-        precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
+    return _pretrain(PRESETS, size, name or f"gpt_oss_{size}", dir, num_nodes, gpus_per_node,
+                     global_batch_size, micro_batch_size, seq_length, max_steps, precision,
+                     layout, data_paths, tokenizer, cpu)
+
+
+@run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b_gated")
+def pretrain_recipe_gated(
+    dir: Optional[str] = None,
+    name: Optional[str] = None,
+    size: str = "20b",
+    num_nodes: Optional[int] = None,
+    gpus_per_node: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+    seq_length: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    precision: str = "bf16",
+    layout: Optional[str] = None,
+    data_paths: Optional[list[str]] = None,
+    tokenizer: Optional[str] = None,
+    cpu: bool = False,
+) -> run.Partial:
+    """``coom_gpt_oss_20b`` with gated attention (Qiu et al., 2025)."""
+    return _pretrain(GATED_PRESETS, size, name or f"gpt_oss_gated_{size}", dir, num_nodes,
+                     gpus_per_node, global_batch_size, micro_batch_size, seq_length, max_steps,
+                     precision, layout, data_paths, tokenizer, cpu)
+
+
+def checkpoint_model(path) -> run.Config:
+    """The model config (architecture and tokenizer) saved with a NeMo
+    checkpoint, e.g. one made by ``import_from_hf``."""
+    from nemo.lightning import io
+
+    context = Path(path or "<not given>") / "context"
+    if not context.is_dir():
+        raise FileNotFoundError(
+            f"restore_path: {context} does not exist; import the HF checkpoint first "
+            "(coom_nemo.models.gpt_oss_hf.import_from_hf) and give its output directory")
+    return io.load_context(str(context), subpath="model", build=False)
+
+
+def _finetune(method, restore_path, data_dir, size, name, dir, num_nodes, gpus_per_node,
+              global_batch_size, micro_batch_size, seq_length, max_steps, precision, layout,
+              cpu):
+    if (size, method) not in FINETUNE:
+        raise ValueError(f"size: {size!r} is not one of {', '.join(PRESETS)}")
+    if data_dir is None:
+        raise ValueError("data_dir: not given; name a directory with training.jsonl and "
+                         "validation.jsonl")
+    tuning = FINETUNE[size, method]
+    preset = PRESETS[size]
+    model = checkpoint_model(restore_path)
+    schedule = FINETUNE_SCHEDULE[size]
+    if max_steps:
+        schedule = dataclasses.replace(schedule, max_steps=max_steps)
+    peft = None
+    if method == "lora":
+        peft = run.Config(LoRA, target_modules=["linear_qkv", "linear_proj"])
+    return finetune_recipe(
+        restore_path=str(restore_path), peft=peft, name=name or f"gpt_oss_{size}_{method}",
+        model=model,
+        data=sft_data(data_dir, seq_length or model.config.seq_length,
+                      global_batch_size or tuning["global_batch_size"],
+                      micro_batch_size or preset.micro_batch_size, cpu=cpu),
+        layout=tuning["layout"].updated(layout),
+        cluster=Cluster(num_nodes=num_nodes or preset.cluster.num_nodes,
+                        gpus_per_node=gpus_per_node or preset.cluster.gpus_per_node,
+                        gpu_memory_gb=preset.cluster.gpu_memory_gb),
+        schedule=schedule, optim=tuning["optim"], precision=precision, dir=dir, cpu=cpu,
     )
+
+
+@run.cli.factory(target=llm.finetune, name="coom_gpt_oss_20b_lora")
+def lora_recipe(
+    restore_path: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    dir: Optional[str] = None,
+    name: Optional[str] = None,
+    size: str = "20b",
+    num_nodes: Optional[int] = None,
+    gpus_per_node: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+    seq_length: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    precision: str = "bf16",
+    layout: Optional[str] = None,
+    cpu: bool = False,
+) -> run.Partial:
+    """LoRA on the attention projections of an imported GPT-OSS."""
+    return _finetune("lora", restore_path, data_dir, size, name, dir, num_nodes, gpus_per_node,
+                     global_batch_size, micro_batch_size, seq_length, max_steps, precision,
+                     layout, cpu)
+
+
+@run.cli.factory(target=llm.finetune, name="coom_gpt_oss_20b_sft")
+def sft_recipe(
+    restore_path: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    dir: Optional[str] = None,
+    name: Optional[str] = None,
+    size: str = "20b",
+    num_nodes: Optional[int] = None,
+    gpus_per_node: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
+    micro_batch_size: Optional[int] = None,
+    seq_length: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    precision: str = "bf16",
+    layout: Optional[str] = None,
+    cpu: bool = False,
+) -> run.Partial:
+    """Full supervised fine-tuning of an imported GPT-OSS."""
+    return _finetune("sft", restore_path, data_dir, size, name, dir, num_nodes, gpus_per_node,
+                     global_batch_size, micro_batch_size, seq_length, max_steps, precision,
+                     layout, cpu)
