@@ -198,9 +198,14 @@ class Plan:
                             "use a PP that divides them, or an uneven split "
                             "(num_layers_in_first/last_pipeline_stage)")
         if self.vp and self.vp > 1:
-            if self.pp == 1:
+            if self.pp <= 2:
+                # With PP=2 a stage's previous and next stage are one
+                # rank, and megatron-core's batched p2p ops then pair
+                # activations with gradients: losses drift silently
+                # (seen on gloo; older megatron refused this layout).
                 raise PlanError("trainer.strategy.virtual_pipeline_model_parallel_size",
-                                "VP needs pipeline parallelism", "set PP > 1 or VP to None")
+                                f"VP needs PP > 2 (PP={self.pp})",
+                                "set PP to 3 or more, or VP to None")
             if not uneven and (layers // self.pp) % self.vp:
                 raise PlanError("trainer.strategy.virtual_pipeline_model_parallel_size",
                                 f"VP={self.vp} does not divide the {layers // self.pp} layers "

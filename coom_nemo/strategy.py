@@ -62,7 +62,7 @@ class CoomMegatronStrategy(nl.MegatronStrategy):
             super().teardown()
         finally:
             if self.cpu:
-                _release_process_groups()
+                _release_global_state()
                 cpu_mode.deactivate()
 
 
@@ -81,11 +81,14 @@ def has_fused_adam() -> bool:
     return False
 
 
-def _release_process_groups() -> None:
-    """Let the next in-process CPU run start from a clean slate."""
+def _release_global_state() -> None:
+    """Let the next in-process CPU run (tests run several, with other
+    layouts) start from a clean slate."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
+    destroy_num_microbatches_calculator()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -37,3 +37,35 @@ def falls(losses, margin=0.05):
     """Mean of the last quarter is below the first loss by a margin."""
     tail = losses[-max(1, len(losses) // 4):]
     return sum(tail) / len(tail) < losses[0] - margin
+
+
+
+class SaveInitialWeights(pl.Callback):
+    """Saves the weights as initialized, before the first step."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path, weights_only=True)
+
+
+def comparable(recipe: run.Partial, num_layers: int | None = None,
+               start_from: str | None = None) -> run.Partial:
+    """A recipe for layout comparisons: optionally deeper (so PP/VP have
+    layers to split), optionally starting from saved initial weights
+    (megatron-core reshards them to any layout), no checkpoints."""
+    from nemo import lightning as nl
+
+    config = recipe.model.config
+    if num_layers:
+        config.num_layers = num_layers
+        if isinstance(getattr(config, "moe_layer_freq", None), list):
+            config.moe_layer_freq = [0] + [1] * (num_layers - 1)
+    if start_from:
+        recipe.resume.restore_config = run.Config(nl.RestoreConfig, path=start_from,
+                                                  load_optim_state=False,
+                                                  load_artifacts=False)
+    recipe.log.ckpt = None
+    recipe.trainer.enable_checkpointing = False
+    return recipe

@@ -1,22 +1,61 @@
-"""Parallel layouts on CPU: 2 gloo processes through the real recipe."""
+"""Parallel layouts on CPU (2 gloo processes) through the real recipes.
+
+Each layout starts from the weights a single-process run started from
+(megatron-core's distributed checkpoint reshards them) and must then
+produce the single-process loss curve, on every rank.
+"""
 
 import json
+import socket
 
+import nemo_run as run
 import pytest
 from conftest import PYTHON, ROOT
-from helpers import falls
+from helpers import SaveInitialWeights, comparable, falls, train
+
+from coom_nemo.plan import PlanError
+from coom_nemo.recipes import FACTORIES
+
+STEPS = 10
 
 
-def train_ranks(run_cmd, tmp_path, factory, layout, gpus=2, steps=12):
-    code, out = run_cmd([PYTHON, str(ROOT / "tests" / "rank_losses.py"), factory,
-                         str(tmp_path), str(gpus), layout, str(steps)])
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference_then_layouts(run_cmd, tmp_path, factory, num_layers, layouts):
+    """Single-process losses, then {layout: [rank 0's, rank 1's]}."""
+    recipe = FACTORIES[factory](size="debug", cpu=True, dir=str(tmp_path / "ref"),
+                                max_steps=STEPS)
+    comparable(recipe, num_layers)
+    init = str(tmp_path / "init")
+    recipe.trainer.callbacks.append(run.Config(SaveInitialWeights, path=init))
+    reference, _ = train(recipe)
+    code, out = run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                         "--master-port", str(_free_port()),
+                         str(ROOT / "tests" / "parallel_equivalence.py"), factory,
+                         str(tmp_path), init, str(STEPS), str(num_layers), *layouts],
+                        env={"PYTHONPATH": str(ROOT / "tests")})
     assert code == 0, out[-3000:]
-    return [json.loads((tmp_path / f"losses_rank{r}.json").read_text()) for r in range(gpus)]
+    curves = {layout: [json.loads((tmp_path / f"{layout}.rank{r}.json").read_text())
+                       for r in range(2)] for layout in layouts}
+    return reference.losses, curves
 
 
 @pytest.mark.multiproc
-def test_tensor_parallel_two_ranks_agree_and_learn(run_cmd, tmp_path):
-    rank0, rank1 = train_ranks(run_cmd, tmp_path, "coom_llama31_405b", "TP2")
-    assert len(rank0) == 12
-    assert rank0 == pytest.approx(rank1, abs=1e-6)
-    assert falls(rank0), rank0
+def test_llama_dp2_tp2_pp2_match_single_process(run_cmd, tmp_path):
+    reference, curves = reference_then_layouts(run_cmd, tmp_path, "coom_llama31_405b", 4,
+                                               ["TP1", "TP2", "PP2"])
+    assert falls(reference), reference
+    for layout, (rank0, rank1) in curves.items():
+        assert rank0 == pytest.approx(reference, rel=1e-5), layout
+        if layout != "PP2":  # the first pipeline stage does not see the loss
+            assert rank1 == pytest.approx(rank0, rel=1e-6), layout
+
+
+def test_interleaving_with_two_pipeline_stages_is_refused():
+    with pytest.raises(PlanError, match="VP needs PP > 2"):
+        FACTORIES["coom_llama31_405b"](size="debug", cpu=True, gpus_per_node=2,
+                                       layout="PP2.VP2")

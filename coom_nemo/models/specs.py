@@ -9,6 +9,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from coom_nemo.models.base import has_transformer_engine
+from coom_nemo.models.gated_attention import gate_layer
 
 
 def use_transformer_engine() -> bool:
@@ -81,20 +82,22 @@ def layer_spec(config, vp_stage: int | None = None):
     ``moe_layer_freq`` and honours the pipeline layout; TE modules are
     used where :func:`use_transformer_engine`, else megatron-core's
     local modules with the fixes above (core attention, MLA, expert
-    biases).
+    biases). ``attention_gate`` swaps in gated attention
+    (``gated_attention``).
     """
-    if getattr(config, "attention_gate", False):
-        raise NotImplementedError("attention_gate: gated attention spec not available yet")
     te = use_transformer_engine()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=te,
                                        normalization=config.normalization, vp_stage=vp_stage)
     if not te:
         _bind_missing_te_names()
-        mla = getattr(config, "multi_latent_attention", False)
-        for layer in block.layer_specs:
+    mla = getattr(config, "multi_latent_attention", False)
+    for layer in block.layer_specs:
+        if not te:
             layer.submodules.self_attention.submodules.core_attention = (
                 LocalMLACoreAttention if mla else LocalCoreAttention)
             experts = getattr(layer.submodules.mlp.submodules, "experts", None)
             if experts is not None and experts.module is SequentialMLP:
                 experts.submodules.linear_fc2 = LocalExpertRowParallelLinear
+        if getattr(config, "attention_gate", False):
+            gate_layer(layer, use_transformer_engine=te)
     return block
