@@ -58,9 +58,12 @@ GATED_PRESETS = {size: dataclasses.replace(preset, model=gpt_oss_model(size, att
 
 # Fine-tuning differs from pretraining in layout, batch and optimizer
 # only; the 20b values follow NeMo 2.7.3's gpt_oss_20b finetune_recipe
-# (LoRA on TP1/EP1 at 1e-4, full SFT on EP4 x PP2 at 5e-6).
+# (LoRA at 1e-4, full SFT on EP4 x PP2 at 5e-6). LoRA keeps EP8: the
+# plan check counts gradients and Adam state for every weight, so it
+# refuses NeMo's EP1 (162 GiB estimated) though frozen weights need
+# neither.
 FINETUNE = {
-    ("20b", "lora"): dict(layout=Layout(), global_batch_size=32,
+    ("20b", "lora"): dict(layout=Layout(ep=8), global_batch_size=32,
                           optim=Optim(lr=1e-4, warmup_steps=50, weight_decay=0.0)),
     ("20b", "sft"): dict(layout=Layout(pp=2, ep=4), global_batch_size=32,
                          optim=Optim(lr=5e-6, warmup_steps=50)),
