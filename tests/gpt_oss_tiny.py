@@ -17,8 +17,18 @@ STORIES = [
 ]
 
 
+# Marks the assistant turns ({% generation %}) so that chat fine-tuning
+# counts the loss on them only.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|endoftext|>{% endgeneration %}"
+    "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+)
+
+
 def make_tokenizer(directory: Path, vocab_size: int = 384):
-    """Byte-level BPE trained on STORIES, saved in HF form."""
+    """Byte-level BPE trained on STORIES, with a chat template, saved in
+    HF form."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,6 +40,7 @@ def make_tokenizer(directory: Path, vocab_size: int = 384):
     tokenizer.train_from_iterator(STORIES * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return fast
 
@@ -65,3 +76,24 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
                                               attn_implementation="eager").eval()
     with torch.no_grad():
         return model(tokens).logits
+
+
+def write_finetuning_data(directory: Path, chat: bool) -> Path:
+    """training.jsonl and validation.jsonl asking for STORIES, as chat
+    records or as instruction records."""
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, story in enumerate(STORIES):
+        prompt = f"Tell me story number {i}."
+        if chat:
+            records.append({"messages": [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": story}]})
+        else:
+            records.append({"input": prompt, "output": story})
+    for name, rows in (("training.jsonl", records * 8), ("validation.jsonl", records)):
+        with open(directory / name, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return directory

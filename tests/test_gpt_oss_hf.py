@@ -1,0 +1,148 @@
+"""GPT-OSS to and from Hugging Face, on CPU.
+
+A tiny GptOssForCausalLM made here imports into NeMo (plain and gated)
+with logits equal to transformers' within TOLERANCE; LoRA (on chat
+JSONL) and full SFT (on instruction JSONL) train from the import with
+falling loss; the SFT result exports back to HF and computes there
+what it computes in NeMo.
+"""
+
+import dataclasses
+
+import lightning.pytorch as pl
+import nemo_run as run
+import pytest
+import torch
+from gpt_oss_tiny import hf_logits, make_tiny_gpt_oss, write_finetuning_data
+from helpers import falls, train
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from coom_nemo.models.gpt_oss import CoomGptOssConfig
+from coom_nemo.models.gpt_oss_hf import (
+    CheckpointMismatchError,
+    config_from_hf,
+    export_to_hf,
+    import_from_hf,
+    loaded,
+)
+from coom_nemo.recipes import gpt_oss_20b
+
+TOKENS = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(1))
+# fp32 on CPU; measured max |difference| 1.7e-6 (logits up to ~3)
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_gpt_oss(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory):
+    return import_from_hf(hf_dir, tmp_path_factory.mktemp("nemo") / "gpt_oss")
+
+
+def nemo_logits(checkpoint):
+    with loaded(checkpoint) as model:
+        positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+        with torch.no_grad():
+            return model.eval()(TOKENS, positions, None)
+
+
+def test_import_matches_hf_logits(hf_dir, imported):
+    ours, theirs = nemo_logits(imported), hf_logits(hf_dir, TOKENS)
+    assert ours.shape == theirs.shape == (2, 32, 384)
+    assert (ours - theirs).abs().max() < TOLERANCE
+
+
+def test_gated_import_computes_the_same_function(hf_dir, tmp_path):
+    gated = import_from_hf(hf_dir, tmp_path / "gated", attention_gate=True)
+    with loaded(gated) as model:
+        gates = [p for n, p in model.named_parameters() if n.endswith("linear_gate.weight")]
+        assert len(gates) == 2 and all(not g.any() for g in gates)
+    # with the gate ignored, the doubled projection would not match
+    assert (nemo_logits(gated) - hf_logits(hf_dir, TOKENS)).abs().max() < TOLERANCE
+    with pytest.raises(ValueError, match="^attention_gate: "):
+        export_to_hf(gated, tmp_path / "hf")
+
+
+def test_shapes_unlike_the_config_name_the_first_mismatching_tensor(hf_dir, tmp_path):
+    config = CoomGptOssConfig(**config_from_hf(AutoConfig.from_pretrained(hf_dir)))
+    wider = dataclasses.replace(config, ffn_hidden_size=128, moe_ffn_hidden_size=128)
+    with pytest.raises(CheckpointMismatchError) as error:
+        import_from_hf(hf_dir, tmp_path / "out", config=wider)
+    assert error.value.tensor == "model.layers.0.mlp.experts.gate_up_proj"
+    assert "shape (4, 64, 192) in the checkpoint, but the config expects (4, 64, 256)" in str(
+        error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_refused_not_overwritten(hf_dir, imported):
+    before = {p: p.stat().st_mtime_ns for p in imported.rglob("*")}
+    with pytest.raises(FileExistsError, match="^output_path: "):
+        import_from_hf(hf_dir, imported)
+    assert {p: p.stat().st_mtime_ns for p in imported.rglob("*")} == before
+
+
+class WeightWatch(pl.Callback):
+    """Weights (and which ones train) before the first step (PEFT has
+    added its adapters by then) and at the end of a run."""
+
+    before = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.before is None:
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, trainer, pl_module):
+        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def finetune(factory, imported, data_dir, tmp_path):
+    recipe = factory(restore_path=str(imported), data_dir=str(data_dir), size="debug",
+                     cpu=True, dir=str(tmp_path / "run"), seq_length=64)
+    recipe.trainer.callbacks.append(run.Config(WeightWatch))
+    recorder, trainer = train(recipe)
+    watch = next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+    assert len(recorder.losses) == 10
+    assert falls(recorder.losses, margin=0.5), recorder.losses
+    return watch
+
+
+def embedding(weights):
+    return next(w for n, w in weights.items() if n.endswith("embedding.word_embeddings.weight"))
+
+
+def test_lora_on_chat_data_trains_only_the_adapters(hf_dir, imported, tmp_path):
+    data = write_finetuning_data(tmp_path / "chat", chat=True)
+    watch = finetune(gpt_oss_20b.lora_recipe, imported, data, tmp_path)
+    adapters = {n for n in watch.before if ".adapter." in n}
+    assert adapters and watch.trainable == adapters
+    changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
+    assert changed == adapters
+    hf_weights = load_file(hf_dir / "model.safetensors")
+    assert torch.equal(embedding(watch.before), hf_weights["model.embed_tokens.weight"])
+
+
+def test_sft_on_instructions_trains_and_exports_to_hf(hf_dir, imported, tmp_path):
+    data = write_finetuning_data(tmp_path / "instructions", chat=False)
+    watch = finetune(gpt_oss_20b.sft_recipe, imported, data, tmp_path)
+    assert watch.trainable == set(watch.before)
+    hf_weights = load_file(hf_dir / "model.safetensors")
+    assert torch.equal(embedding(watch.before), hf_weights["model.embed_tokens.weight"])
+
+    trained = next((tmp_path / "run").rglob("*-last"))
+    exported = export_to_hf(trained, tmp_path / "hf")
+    theirs = hf_logits(exported, TOKENS)
+    assert (nemo_logits(trained) - theirs).abs().max() < TOLERANCE
+    assert (theirs - hf_logits(hf_dir, TOKENS)).abs().max() > 0.1  # it did train
+    original, written = AutoConfig.from_pretrained(hf_dir), AutoConfig.from_pretrained(exported)
+    for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "head_dim",
+                  "num_attention_heads", "num_key_value_heads", "num_local_experts",
+                  "num_experts_per_tok", "sliding_window", "layer_types", "rope_scaling",
+                  "rope_theta", "vocab_size"):
+        assert getattr(written, field) == getattr(original, field), field
+    assert (exported / "tokenizer.json").is_file()
