@@ -222,6 +222,12 @@ class Plan:
             raise PlanError(ep_field, f"EP={self.ep} does not divide the {experts} experts",
                             f"use an EP that divides {experts}")
         etp = self.etp or self.tp
+        if experts and etp > 1 and _field(c, "add_bias_linear", False):
+            # megatron/core/transformer/transformer_config.py:1303
+            raise PlanError("trainer.strategy.expert_tensor_parallel_size",
+                            f"ETP={etp} (it follows TP unless set), but megatron-core "
+                            "supports expert biases only with ETP=1",
+                            "add ETP1 to the layout, e.g. TP2.ETP1")
         expert_group = etp * self.ep * self.pp
         if experts and self.world_size % expert_group:
             raise PlanError(ep_field, f"{self.world_size} GPUs are not a multiple of "

@@ -8,11 +8,13 @@ what it computes in NeMo.
 """
 
 import dataclasses
+from pathlib import Path
 
 import lightning.pytorch as pl
 import nemo_run as run
 import pytest
 import torch
+from conftest import PYTHON, ROOT
 from gpt_oss_tiny import hf_logits, make_tiny_gpt_oss, write_finetuning_data
 from helpers import falls, train
 from safetensors.torch import load_file
@@ -43,6 +45,12 @@ def imported(hf_dir, tmp_path_factory):
     return import_from_hf(hf_dir, tmp_path_factory.mktemp("nemo") / "gpt_oss")
 
 
+@pytest.fixture(scope="module")
+def gated(hf_dir, tmp_path_factory):
+    return import_from_hf(hf_dir, tmp_path_factory.mktemp("nemo") / "gated",
+                          attention_gate=True)
+
+
 def nemo_logits(checkpoint):
     with loaded(checkpoint) as model:
         positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
@@ -56,8 +64,7 @@ def test_import_matches_hf_logits(hf_dir, imported):
     assert (ours - theirs).abs().max() < TOLERANCE
 
 
-def test_gated_import_computes_the_same_function(hf_dir, tmp_path):
-    gated = import_from_hf(hf_dir, tmp_path / "gated", attention_gate=True)
+def test_gated_import_computes_the_same_function(hf_dir, gated, tmp_path):
     with loaded(gated) as model:
         gates = [p for n, p in model.named_parameters() if n.endswith("linear_gate.weight")]
         assert len(gates) == 2 and all(not g.any() for g in gates)
@@ -146,3 +153,23 @@ def test_sft_on_instructions_trains_and_exports_to_hf(hf_dir, imported, tmp_path
                   "rope_theta", "vocab_size"):
         assert getattr(written, field) == getattr(original, field), field
     assert (exported / "tokenizer.json").is_file()
+
+
+def test_command_lines(gated, imported, run_cmd, tmp_path):
+    """The converter script refuses in one line; ``nemo llm finetune``
+    finds the fine-tuning factories."""
+    code, out = run_cmd([PYTHON, str(ROOT / "recipes" / "gpt_oss_20b_hf.py"), "export",
+                         str(gated), str(tmp_path / "hf")])
+    assert code == 2
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        "error: attention_gate: transformers' GptOss has no attention gate, so a gated model "
+        "cannot be exported; export a model trained without it"]
+
+    data = write_finetuning_data(tmp_path / "data", chat=False)
+    factory = f"coom_gpt_oss_20b_lora(restore_path={imported}, data_dir={data}, size=debug, " \
+              "cpu=True)"
+    code, out = run_cmd([str(Path(PYTHON).parent / "nemo"), "llm", "finetune", "--factory",
+                         factory, "--dryrun", "--yes"])
+    assert code == 0, out[-3000:]
+    assert "Dry run for finetune" in out and "model=gpt_oss_debug_lora " in out
+    assert "LoRA(" in out

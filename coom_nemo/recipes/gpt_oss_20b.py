@@ -32,7 +32,7 @@ from coom_nemo.recipe import (
 PRESETS = {
     "20b": Preset(
         model=gpt_oss_model("20b"),
-        layout=Layout(tp=1, pp=1, ep=8),
+        layout=Layout(tp=1, pp=1, ep=8, etp=1),
         cluster=Cluster(num_nodes=1, gpus_per_node=8),
         global_batch_size=256,
         micro_batch_size=1,
@@ -42,7 +42,7 @@ PRESETS = {
     ),
     "debug": Preset(
         model=gpt_oss_model("debug"),
-        layout=Layout(),
+        layout=Layout(etp=1),
         cluster=Cluster(num_nodes=1, gpus_per_node=1),
         global_batch_size=8,
         micro_batch_size=2,
@@ -56,20 +56,21 @@ PRESETS = {
 GATED_PRESETS = {size: dataclasses.replace(preset, model=gpt_oss_model(size, attention_gate=True))
                  for size, preset in PRESETS.items()}
 
-# Fine-tuning differs from pretraining in layout, batch and optimizer
-# only; the 20b values follow NeMo 2.7.3's gpt_oss_20b finetune_recipe
-# (LoRA at 1e-4, full SFT on EP4 x PP2 at 5e-6). LoRA keeps EP8: the
-# plan check counts gradients and Adam state for every weight, so it
-# refuses NeMo's EP1 (162 GiB estimated) though frozen weights need
-# neither.
+# Expert biases need expert TP 1 (ETP1 in every layout), whatever the
+# TP. Fine-tuning differs from pretraining in layout, batch and
+# optimizer only; the 20b values follow NeMo 2.7.3's gpt_oss_20b
+# finetune_recipe (LoRA at 1e-4, full SFT on EP4 x PP2 at 5e-6). LoRA
+# keeps EP8: the plan check counts gradients and Adam state for every
+# weight, so it refuses NeMo's EP1 (162 GiB estimated) though frozen
+# weights need neither.
 FINETUNE = {
-    ("20b", "lora"): dict(layout=Layout(ep=8), global_batch_size=32,
+    ("20b", "lora"): dict(layout=Layout(ep=8, etp=1), global_batch_size=32,
                           optim=Optim(lr=1e-4, warmup_steps=50, weight_decay=0.0)),
-    ("20b", "sft"): dict(layout=Layout(pp=2, ep=4), global_batch_size=32,
+    ("20b", "sft"): dict(layout=Layout(pp=2, ep=4, etp=1), global_batch_size=32,
                          optim=Optim(lr=5e-6, warmup_steps=50)),
-    ("debug", "lora"): dict(layout=Layout(), global_batch_size=4,
+    ("debug", "lora"): dict(layout=Layout(etp=1), global_batch_size=4,
                             optim=Optim(lr=1e-2, warmup_steps=2, weight_decay=0.0)),
-    ("debug", "sft"): dict(layout=Layout(), global_batch_size=4,
+    ("debug", "sft"): dict(layout=Layout(etp=1), global_batch_size=4,
                            optim=Optim(lr=1e-3, warmup_steps=2)),
 }
 FINETUNE_SCHEDULE = {"20b": Schedule(max_steps=1000, val_check_interval=50),
