@@ -148,8 +148,9 @@ def check_shapes(tensors: dict[str, torch.Tensor], hf_config) -> None:
             raise CheckpointMismatchError(name, "missing from the checkpoint", fix)
         got = tuple(tensors[name].shape)
         if got != tuple(want.shape):
-            raise CheckpointMismatchError(name, f"shape {got} in the checkpoint, but the config "
-                                     f"expects {tuple(want.shape)}", fix)
+            raise CheckpointMismatchError(
+                name, f"shape {got} in the checkpoint, but the config expects "
+                f"{tuple(want.shape)}", fix)
 
 
 def _spec_names(model) -> tuple[str, str]:
@@ -243,7 +244,7 @@ class HFGptOssImporter(HFGPTOSSImporter):
         config = self.target_config or CoomGptOssConfig(**config_from_hf(hf))
         # storage, not architecture: the checkpoint's (MXFP4 files say
         # bfloat16, what they are dequantized to)
-        dtype = hf.torch_dtype if isinstance(hf.torch_dtype, torch.dtype) else torch.bfloat16
+        dtype = hf.dtype if isinstance(hf.dtype, torch.dtype) else torch.bfloat16
         return dataclasses.replace(config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                    fp16=False)
 
@@ -256,6 +257,8 @@ class HFGptOssImporter(HFGPTOSSImporter):
                    for name in ("tokenizer.json", "tokenizer_config.json")):
             log.warning("no tokenizer in %s: the checkpoint will have none", self)
             return None
+        if self.tokenizer_assets is None:  # not saving: use it in place
+            return AutoTokenizer(str(self))
         # NeMo copies the tokenizer's directory into the checkpoint:
         # hand it the tokenizer files, not the weights beside them
         HFAutoTokenizer.from_pretrained(str(self)).save_pretrained(self.tokenizer_assets)
