@@ -92,9 +92,11 @@ def _split(path: str, piece_bytes: int) -> list[Piece]:
     if path.endswith(".gz") or size <= piece_bytes:
         return [Piece(path, 0, 1, size=size)]
     separator = b"\n" if form == "jsonl" else SEPARATOR.encode()
-    count = -(-size // piece_bytes)
     with open(path, "rb") as file:
-        cuts = [_boundary(file, k * piece_bytes, separator) for k in range(count)] + [size]
+        # a document longer than a piece makes two cuts meet: keep one
+        cuts = sorted({_boundary(file, offset, separator)
+                       for offset in range(0, size, piece_bytes)} | {size})
+    count = len(cuts) - 1
     return [Piece(path, k, count, cuts[k], cuts[k + 1], size=cuts[k + 1] - cuts[k])
             for k in range(count)]
 
@@ -113,8 +115,9 @@ def _boundary(file, offset: int, separator: bytes) -> int:
         if found >= 0:
             return base + found + len(separator)
         keep = len(separator) - 1  # a separator may straddle chunks
-        base += len(buffer) - keep
-        buffer = buffer[len(buffer) - keep:]
+        if len(buffer) > keep:
+            base += len(buffer) - keep
+            buffer = buffer[len(buffer) - keep:]
     return file.tell()
 
 

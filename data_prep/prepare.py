@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import queue as queues
@@ -58,17 +59,17 @@ class Report:
         return (f"{self.output}: {state}; {self.docs:,} documents, {self.tokens:,} tokens, "
                 f"{self.input_bytes / 1e6:,.1f} MB of input in {self.seconds:.1f} s "
                 f"({self.docs * per_s:,.0f} docs/s, {self.tokens * per_s:,.0f} tokens/s, "
-                f"{self.input_bytes * per_s / 1e6:,.2f} MB/s); {self.pieces} pieces, "
-                f"{self.skipped} done before")
+                f"{self.input_bytes * per_s / 1e6:,.2f} MB/s); pieces: {self.pieces}, "
+                f"{self.skipped} of them done before")
 
 
 def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None,
-            workers: int | None = None, max_docs: int | None = None, piece_mb: float = 256,
+            workers: int | None = None, max_docs: int | None = None, piece_mb: float = 64,
             keep_parts: bool = False, progress: bool = True) -> Report:
     """Tokenize ``inputs`` into the Megatron prefix ``output``."""
-    began = time.perf_counter()
     tok = tokenizers.load(tokenizer, eod_token)
     dtype = indexed().DType.optimal_dtype(tok.vocab_size)
+    began = time.perf_counter()
     settings = {"inputs": [str(Path(p).resolve()) for p in inputs],
                 "tokenizer": {k: v for k, v in tok.fingerprint().items() if k != "file"},
                 "dtype": dtype.__name__, "max_docs": max_docs, "piece_mb": piece_mb}
@@ -77,6 +78,8 @@ def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None
     if manifest.merged_intact():
         report.complete, report.docs, report.tokens = True, *manifest.merged_counts()
         report.pieces = report.skipped = len(manifest.pieces)
+        if not keep_parts:  # a run killed while it removed them
+            manifest.remove_parts(manifest.pieces)
         return report
 
     pieces = documents.plan(inputs, int(piece_mb * 2**20), max_docs)
@@ -170,9 +173,15 @@ def write_dataset(texts, tok, prefix: str, dtype, report=None) -> tuple[int, int
 def indexed():
     """megatron-core's ``indexed_dataset`` module, imported without the
     warnings its package prints about GPU-only extras."""
+    log = logging.getLogger("megatron.core.utils")
+    level = log.level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
+        log.setLevel(logging.ERROR)
+        try:
+            from megatron.core.datasets import indexed_dataset
+        finally:
+            log.setLevel(level)
     return indexed_dataset
 
 
@@ -346,7 +355,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sentencepiece:<file.model> or hf:<tokenizer.json or its directory>")
     p.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's EOS)")
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
-    p.add_argument("--piece-mb", type=float, default=256,
+    p.add_argument("--piece-mb", type=float, default=64,
                    help="split plain files and parquet into pieces of about this size")
     p.add_argument("--keep-parts", action="store_true",
                    help="keep the per-piece datasets after the merge")
@@ -366,6 +375,10 @@ def run(args, jobs) -> int:
         except (documents.InputError, OSError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: finished pieces are kept ({output}.manifest.json); "
+                  "rerun the same command to go on", file=sys.stderr)
+            return 130
         print(report.summary())
         if not report.complete:
             print(f"{output}: nothing merged; finished pieces are kept in {output}.parts/. "
