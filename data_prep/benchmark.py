@@ -20,7 +20,6 @@ trained on it. ``--input`` and ``--tokenizer`` measure other data
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -152,14 +151,15 @@ def _load() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = prepare.command_line(__doc__, "benchmark")
     p.add_argument("--input", nargs="+", help="files to tokenize (default: C4-like shards "
                    "made from the English corpus under data/benchmark)")
     p.add_argument("--tokenizer", help="default: a 32k SentencePiece model of the corpus")
-    p.add_argument("--megabytes", type=int, default=48, help="text in the default input")
+    p.add_argument("--megabytes", type=int, default=48,
+                   help="MB of text in the default input (default 48)")
     p.add_argument("--workers", type=int, help="pipeline workers (default: all cores)")
-    p.add_argument("--repeats", type=int, default=3, help="baseline/pipeline pairs")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="baseline/pipeline pairs (default 3)")
     args = p.parse_args(argv)
     root = Path("data/benchmark")
     inputs = args.input or make_input(root / f"c4like-{args.megabytes}mb", args.megabytes)

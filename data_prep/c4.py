@@ -16,7 +16,6 @@ interruption redoes only the shards not finished.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -66,16 +65,15 @@ def _shards(text: str) -> range:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = prepare.command_line(__doc__, "c4")
     p.add_argument("--c4-dir", required=True, help="directory of the en json.gz shards")
     p.add_argument("--output", required=True, help="directory for train and validation")
     p.add_argument("--split", nargs="+", choices=("train", "validation"),
                    default=["train", "validation"])
     p.add_argument("--train-shards", type=_shards, default=MLPERF_TRAIN_SHARDS,
-                   help="START:STOP of the 1024 train shards (default: MLPerf's 768:1024)")
+                   help="START:STOP of the 1024 train shards (default MLPerf's 768:1024)")
     p.add_argument("--validation-docs", type=int, default=MLPERF_VALIDATION_DOCS,
-                   help="first N validation documents")
+                   help="first N validation documents (default MLPerf's 91205)")
     prepare.add_arguments(p)
     args = p.parse_args(argv)
     jobs = []

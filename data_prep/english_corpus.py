@@ -22,7 +22,6 @@ license text.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep import prepare
 from data_prep.documents import SEPARATOR
 
 PACKAGES = ("fortunes-min", "fortunes")
@@ -134,9 +134,9 @@ def _copyright(source: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output", default="data/english", help="corpus directory")
+    p = prepare.command_line(__doc__, "english_corpus")
+    p.add_argument("--output", default="data/english",
+                   help="corpus directory (default data/english)")
     p.add_argument("--fortunes-dir", help="fortune files to use instead of Debian's")
     args = p.parse_args(argv)
     try:

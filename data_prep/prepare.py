@@ -349,6 +349,13 @@ class _Progress:
         self.bar.close()
 
 
+def command_line(doc: str, name: str) -> argparse.ArgumentParser:
+    """A parser for ``python -m data_prep.<name>`` showing the module's
+    docstring as its help."""
+    return argparse.ArgumentParser(prog=f"python -m data_prep.{name}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options every data_prep command shares."""
     p.add_argument("--tokenizer", required=True,
@@ -356,7 +363,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's EOS)")
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--piece-mb", type=float, default=64,
-                   help="split plain files and parquet into pieces of about this size")
+                   help="cut plain files and parquet into pieces of about this many MB "
+                   "(default 64)")
     p.add_argument("--keep-parts", action="store_true",
                    help="keep the per-piece datasets after the merge")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -389,8 +397,7 @@ def run(args, jobs) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command_line(__doc__, "prepare")
     p.add_argument("--input", nargs="+", required=True,
                    help="files: .json[l][.gz] (C4), .txt[.gz] (TinyStories text), .parquet")
     p.add_argument("--output", required=True, help="Megatron prefix: writes <output>.bin/.idx")

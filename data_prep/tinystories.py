@@ -17,7 +17,6 @@ the recipes take: ``--data <output>/train`` or ``data_paths={"train":
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,11 +37,10 @@ def find(directory, form: str = "auto") -> dict[str, list[Path]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = prepare.command_line(__doc__, "tinystories")
     p.add_argument("--input", required=True, help="directory holding TinyStories")
     p.add_argument("--form", choices=("auto", "text", "parquet"), default="auto",
-                   help="which form to read where both are present (auto: text)")
+                   help="which form to read where both are there (default auto: text)")
     p.add_argument("--output", required=True, help="directory for train and validation")
     prepare.add_arguments(p)
     args = p.parse_args(argv)

@@ -15,12 +15,11 @@ sentencepiece:data/english/spm1024.model``) and ``spm1024.vocab``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from data_prep import documents
+from data_prep import documents, prepare
 
 _MAX_LINE = 16384  # bytes; SentencePiece skips longer "sentences"
 
@@ -67,13 +66,13 @@ def _lines(inputs, max_docs: int | None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = prepare.command_line(__doc__, "train_tokenizer")
     p.add_argument("--input", nargs="+", required=True,
                    help="corpus files (.json[l][.gz], .txt[.gz], .parquet)")
     p.add_argument("--output", required=True, help="model prefix: writes <output>.model")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
+    p.add_argument("--vocab-size", type=int, default=32000, help="(default 32000)")
+    p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"),
+                   help="(default bpe)")
     p.add_argument("--max-docs", type=int, help="train on the first N documents only")
     args = p.parse_args(argv)
     try:
