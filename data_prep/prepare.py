@@ -45,22 +45,28 @@ BATCH_DOCS = 256  # documents per tokenizer call and progress report
 class Report:
     output: str
     complete: bool = False
-    docs: int = 0
+    docs: int = 0  # in the whole dataset
     tokens: int = 0
-    input_bytes: int = 0
-    seconds: float = 0.0
     pieces: int = 0
     skipped: int = 0  # pieces a previous run had finished
     errors: list[str] = field(default_factory=list)
+    # the work of this run, for its rates
+    seconds: float = 0.0
+    run_docs: int = 0
+    run_tokens: int = 0
+    run_bytes: int = 0  # of input, as on disk
 
     def summary(self) -> str:
         state = "done" if self.complete else f"{len(self.errors)} piece(s) failed"
+        line = (f"{self.output}: {state}; {self.docs:,} documents, {self.tokens:,} tokens; "
+                f"{self.pieces} pieces, {self.skipped} done before")
+        if not self.run_bytes:
+            return line
         per_s = 1 / max(self.seconds, 1e-9)
-        return (f"{self.output}: {state}; {self.docs:,} documents, {self.tokens:,} tokens, "
-                f"{self.input_bytes / 1e6:,.1f} MB of input in {self.seconds:.1f} s "
-                f"({self.docs * per_s:,.0f} docs/s, {self.tokens * per_s:,.0f} tokens/s, "
-                f"{self.input_bytes * per_s / 1e6:,.2f} MB/s); pieces: {self.pieces}, "
-                f"{self.skipped} of them done before")
+        return (f"{line}; this run {self.run_bytes / 1e6:,.1f} MB of input in "
+                f"{self.seconds:.1f} s: {self.run_docs * per_s:,.0f} docs/s, "
+                f"{self.run_tokens * per_s:,.0f} tokens/s, "
+                f"{self.run_bytes * per_s / 1e6:,.2f} MB/s")
 
 
 def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None,
@@ -88,7 +94,6 @@ def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None
              for p in pieces]
     todo = [(key, piece) for key, piece in named if not manifest.finished(key, piece)]
     report.pieces, report.skipped = len(named), len(named) - len(todo)
-    report.input_bytes = sum(p.size for _, p in named)
     manifest.parts.mkdir(parents=True, exist_ok=True)
     for stale in manifest.parts.glob("*.tmp.*"):  # left by a killed run
         stale.unlink()
@@ -103,6 +108,11 @@ def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None
         if record:
             report.docs += record["docs"]
             report.tokens += record["tokens"]
+    for key, piece in todo:
+        if key in manifest.pieces:
+            report.run_docs += manifest.pieces[key]["docs"]
+            report.run_tokens += manifest.pieces[key]["tokens"]
+            report.run_bytes += piece.size
     if not report.errors:
         merge([str(manifest.parts / key) for key, _ in named], output, dtype)
         manifest.finish_merge(report.docs, report.tokens)
@@ -123,6 +133,7 @@ def _run_pieces(todo, manifest, report, bar, workers, init_args):
         try:
             for key, record, error in pool.imap_unordered(_tokenize_piece, todo):
                 if error:
+                    manifest.pieces.pop(key, None)  # a record of an older source
                     report.errors.append(error)
                     bar.write(f"error: {error}")
                 else:
