@@ -229,6 +229,20 @@ def test_bad_shards_are_reported_and_the_rest_finish(spm, tmp_path, capsys):
     assert read_back(output) == [tok.encode_one(d) + [tok.eod] for d in docs]
 
 
+def test_unreadable_documents_name_file_and_line(tmp_path):
+    lines = tmp_path / "a.jsonl"
+    lines.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken}\n')
+    text = tmp_path / "b.txt"
+    text.write_bytes(b"one\n<|endoftext|>\ntwo\nthree \xff\n<|endoftext|>\n")
+    for path, message in ((lines, ":4: not a JSON line"), (text, ":3: not UTF-8")):
+        with pytest.raises(documents.InputError, match=re.escape(f"{path}{message}")):
+            list(documents.read(documents.plan([path], 1 << 20)[0]))
+    # lines are counted from the start of the file in later pieces too
+    with pytest.raises(documents.InputError, match=re.escape(f"{lines}:4: not a JSON")):
+        for piece in documents.plan([lines], 20):
+            list(documents.read(piece))
+
+
 def test_existing_output_is_never_overwritten(spm, tmp_path):
     source = write_c4(tmp_path / "c4.json.gz", make_docs(5))
     Path(tmp_path / "mine.bin").write_bytes(b"precious")
