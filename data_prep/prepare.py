@@ -234,8 +234,8 @@ def _tokenize_piece(item):
     except (documents.InputError, OSError) as error:
         for suffix in (".bin", ".idx"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-        return key, None, f"{error}" if isinstance(error, documents.InputError) else (
-            f"{piece.path}: {error}")
+        named = isinstance(error, documents.InputError)  # says file and line
+        return key, None, str(error) if named else f"{piece.path}: {error}"
     updates.put((0, 0, piece.size - sent))
     for suffix in (".bin", ".idx"):
         os.replace(f"{tmp}{suffix}", f"{final}{suffix}")
