@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import queue as queues
+import shutil
 import signal
 import sys
 import threading
@@ -78,14 +79,14 @@ def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None
     began = time.perf_counter()
     settings = {"inputs": [str(Path(p).resolve()) for p in inputs],
                 "tokenizer": {k: v for k, v in tok.fingerprint().items() if k != "file"},
-                "dtype": dtype.__name__, "max_docs": max_docs, "piece_mb": piece_mb}
+                "dtype": dtype.__name__, "max_docs": max_docs}
     manifest = Manifest.open(output, settings)
     report = Report(output)
     if manifest.merged_intact():
         report.complete, report.docs, report.tokens = True, *manifest.merged_counts()
         report.pieces = report.skipped = len(manifest.pieces)
         if not keep_parts:  # a run killed while it removed them
-            manifest.remove_parts(manifest.pieces)
+            manifest.remove_parts()
         return report
 
     pieces = documents.plan(inputs, int(piece_mb * 2**20), max_docs)
@@ -117,7 +118,7 @@ def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None
         merge([str(manifest.parts / key) for key, _ in named], output, dtype)
         manifest.finish_merge(report.docs, report.tokens)
         if not keep_parts:
-            manifest.remove_parts([key for key, _ in named])
+            manifest.remove_parts()
         report.complete = True
     report.seconds = time.perf_counter() - began
     return report
@@ -299,12 +300,8 @@ class Manifest:
     def merged_counts(self) -> tuple[int, int]:
         return self.data["merged"]["docs"], self.data["merged"]["tokens"]
 
-    def remove_parts(self, keys) -> None:
-        for key in keys:
-            for suffix in (".bin", ".idx"):
-                (self.parts / f"{key}{suffix}").unlink(missing_ok=True)
-        if self.parts.is_dir() and not any(self.parts.iterdir()):
-            self.parts.rmdir()
+    def remove_parts(self) -> None:
+        shutil.rmtree(self.parts, ignore_errors=True)
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
