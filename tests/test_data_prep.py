@@ -121,6 +121,10 @@ def test_round_trip_every_form(kind, request, tmp_path):
     # nothing but the result and its manifest is left
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "all.bin", "all.idx", "all.manifest.json"]
+    # pieces and workers change nothing in the bytes
+    whole = prepare.prepare(inputs, str(tmp_path / "whole"), spec, workers=1, progress=False)
+    assert whole.pieces == 5 and files_of(tmp_path / "whole") == files_of(
+        tmp_path / "out" / "all")
 
 
 @pytest.mark.parametrize("read_bytes", [7, 1 << 20])
