@@ -87,19 +87,22 @@ def check_prefixes(prefixes, field: str) -> None:
 
 def indexed_data(paths, tokenizer: run.Config, seq_length: int, global_batch_size: int,
                  micro_batch_size: int, *, split: str = "990,8,2", seed: int = 1234,
-                 cpu: bool = False, **kwargs) -> run.Config[llm.PretrainingDataModule]:
+                 cpu: bool = False, **kwargs) -> run.Config[llm.PreTrainingDataModule]:
     """Megatron indexed datasets (``.bin``/``.idx`` from data_prep).
 
     ``paths`` is a list of prefixes (split by ``split``) or a dict with
     ``train``/``validation``/``test`` lists, as
-    ``PretrainingDataModule``
-    takes them.
+    ``PreTrainingDataModule``
+    takes them; a missing ``test`` reuses ``validation`` (NeMo needs
+    all three).
     """
+    if isinstance(paths, dict) and "test" not in paths:
+        paths = {**paths, "test": paths.get("validation", [])}
     groups = paths.values() if isinstance(paths, dict) else [paths]
     for group in groups:
         check_prefixes([p for p in group if not _is_weight(p)], "data.paths")
     return run.Config(
-        llm.PretrainingDataModule,
+        llm.PreTrainingDataModule,
         paths=paths,
         seq_length=seq_length,
         tokenizer=tokenizer,
