@@ -1,15 +1,18 @@
 """coom_deepseek: EP=2 training with MTP and expert-load metrics, the
-expert bias balancing load, token dropping."""
+expert bias balancing load, token dropping, the KV-cache report."""
 
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 from conftest import PYTHON, ROOT
 from helpers import falls, train
 from test_parallel_cpu import _free_port
 
+from coom_nemo.model_math import kv_cache_report
+from coom_nemo.models.deepseek import SIZES, CoomDeepSeekConfig
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.recipes import deepseek
 
@@ -91,3 +94,33 @@ def test_factory_arguments_set_mtp_bias_aux_loss_and_capacity():
     plain = deepseek.pretrain_recipe(size="debug", cpu=True, mtp_layers=0,
                                      expert_bias_rate=0).model.config
     assert plain.mtp_num_layers is None and not plain.moe_router_enable_expert_bias
+
+
+def test_16b_default_is_deepseek_shaped_and_its_dry_run_reports_the_kv_cache(capsys):
+    recipe = deepseek.pretrain_recipe()
+    printed = capsys.readouterr().out
+    assert "params=16.30B active_params=2.54B layout=TP1.PP1.CP1.EP8.VP1 gpus=8" in printed
+    assert ("kv_cache per token (16-bit, 27 layers): MLA 30.4 KiB | GQA-8 135.0 KiB (4.4x) | "
+            "MHA 270.0 KiB (8.9x)") in printed
+    import fiddle as fdl
+
+    config = fdl.build(recipe.model.config)
+    assert config.multi_latent_attention and config.moe_layer_freq[0] == 0
+    assert config.moe_router_score_function == "sigmoid"
+    assert config.moe_router_enable_expert_bias
+    assert config.moe_router_load_balancing_type == "seq_aux_loss"
+    assert (config.moe_router_num_groups, config.moe_router_group_topk) == (8, 3)
+    assert config.moe_shared_expert_intermediate_size == 2 * config.moe_ffn_hidden_size
+    assert recipe.trainer.strategy.expert_model_parallel_size == 8
+
+
+def test_kv_cache_report_of_deepseek_v3_and_of_a_gqa_model():
+    config = CoomDeepSeekConfig(**SIZES["v3"])
+    assert kv_cache_report(config).startswith(
+        "kv_cache per token (16-bit, 61 layers): MLA 68.6 KiB | GQA-8 305.0 KiB (4.4x) | "
+        "MHA 4.8 MiB (71.1x); MLA at 4096 tokens: 274.5 MiB")
+    llama_405b = SimpleNamespace(num_layers=126, hidden_size=16384, num_attention_heads=128,
+                                 num_query_groups=8, seq_length=8192)
+    assert kv_cache_report(llama_405b) == (
+        "kv_cache per token (16-bit, 126 layers): GQA-8 504.0 KiB | MHA 7.9 MiB (16.0x); "
+        "GQA-8 at 8192 tokens: 3.9 GiB")

@@ -84,13 +84,27 @@ def _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size, micro_
         model = deepseek_model(size, **moe)
         presets = {**PRESETS, size: dataclasses.replace(PRESETS[size], model=model)}
     extras = Extras(callbacks=[run.Config(ExpertLoadMetrics)])
-    return from_preset(
+    recipe = from_preset(
         presets, size, name=name or f"deepseek_{size}", dir=dir, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
         micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
         precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
         extras=extras,
     )
+    print_kv_cache_report(recipe)
+    return recipe
+
+
+def print_kv_cache_report(recipe) -> None:
+    """Inference KV cache per token: this model's (MLA caches the
+    latent) vs the same model with GQA or MHA."""
+    import fiddle as fdl
+
+    from coom_nemo import api
+    from coom_nemo.model_math import kv_cache_report
+
+    if api.is_rank_zero():
+        print(kv_cache_report(fdl.build(recipe.model.config)), flush=True)
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_deepseek")
