@@ -1,19 +1,24 @@
 """coom_deepseek: EP=2 training with MTP and expert-load metrics, the
-expert bias balancing load, token dropping, the KV-cache report."""
+expert bias balancing load, token dropping, the KV-cache report, HF
+import and fine-tuning."""
 
 import json
 import math
 import os
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
+import nemo_run as run
 import pytest
+import torch
 from conftest import PYTHON, ROOT
 from helpers import falls, train
 from test_parallel_cpu import _free_port
 
 from coom_nemo.model_math import kv_cache_report
-from coom_nemo.models.deepseek import SIZES, CoomDeepSeekConfig
+from coom_nemo.models.deepseek import SIZES, CoomDeepSeekConfig, config_from_hf
 from coom_nemo.moe_metrics import ExpertLoadMetrics
+from coom_nemo.plan import PlanError
 from coom_nemo.recipes import deepseek
 
 STEPS = 30  # the expert bias moves 1e-3 a step: 30 steps show it
@@ -124,3 +129,103 @@ def test_kv_cache_report_of_deepseek_v3_and_of_a_gqa_model():
     assert kv_cache_report(llama_405b) == (
         "kv_cache per token (16-bit, 126 layers): GQA-8 504.0 KiB | MHA 7.9 MiB (16.0x); "
         "GQA-8 at 8192 tokens: 3.9 GiB")
+
+
+# -- HF import -------------------------------------------------------
+
+
+def tiny_hf_deepseek(path):
+    """A random DeepSeek-V3 in HF format, the debug size's shape."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+
+    debug = SIZES["debug"]
+    config = DeepseekV3Config(
+        vocab_size=debug["vocab_size"], hidden_size=debug["hidden_size"],
+        intermediate_size=debug["ffn_hidden_size"],
+        moe_intermediate_size=debug["moe_ffn_hidden_size"], num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=debug["num_attention_heads"],
+        num_key_value_heads=debug["num_attention_heads"], n_shared_experts=1,
+        n_routed_experts=debug["num_moe_experts"], num_experts_per_tok=4, n_group=4,
+        topk_group=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
+        # DeepSeek-V3's own RoPE settings
+        max_position_embeddings=163840,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+        dtype="float32")
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).float()
+    with torch.no_grad():  # norms and expert bias away from their init
+        for name, tensor in model.state_dict().items():
+            if name.endswith("norm.weight"):
+                tensor.uniform_(0.5, 1.5)
+            if name.endswith("e_score_correction_bias"):
+                tensor.uniform_(-0.05, 0.05)
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, "t0")),
+                                        unk_token="t0", eos_token="t1")
+    tokenizer.save_pretrained(path)
+    return model.eval()
+
+
+class WeightsAtStart(pl.Callback):
+    """The weights training starts from."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = {name.split("module.")[-1]: tensor.detach().clone()
+                      for name, tensor in pl_module.state_dict().items()
+                      if torch.is_tensor(tensor)}
+
+
+def test_hf_deepseek_v3_imports_with_matching_logits_and_fine_tunes(tmp_path):
+    from nemo.collections import llm
+
+    from coom_nemo import cpu_mode
+    from coom_nemo.models.deepseek import CoomDeepSeekModel, HFCoomDeepSeekImporter
+
+    hf = tiny_hf_deepseek(tmp_path / "hf")
+    # the importer reads the HF config as the debug size's architecture
+    from transformers import AutoConfig
+
+    imported = config_from_hf(AutoConfig.from_pretrained(tmp_path / "hf"))
+    debug = SIZES["debug"]
+    shared = set(debug) & set(imported) - {"make_vocab_size_divisible_by", "mtp_num_layers",
+                                           "mtp_loss_scaling_factor"}
+    assert len(shared) == 17
+    assert {k: imported[k] for k in shared} == {k: debug[k] for k in shared}
+
+    ckpt = tmp_path / "nemo"
+    with cpu_mode.cpu_mode():
+        llm.import_ckpt(model=CoomDeepSeekModel(), source=f"hf://{tmp_path / 'hf'}",
+                        output_path=ckpt)
+        model, _ = HFCoomDeepSeekImporter(str(ckpt)).nemo_load(ckpt, cpu=True)
+        tokens = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(64).expand(2, 64)
+        with torch.no_grad():
+            logits = model(tokens, positions, None)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    difference = float((logits - expected).abs().max())
+    print(f"max |logits - HF logits| = {difference:.1e} "
+          f"(logits up to {float(expected.abs().max()):.2f})")
+    assert difference < 1e-4  # fp32 on both sides
+
+    # fine-tuning starts from the imported weights; HF's model holds no
+    # MTP layer, so MTP must be off
+    with pytest.raises(PlanError, match="^restore_path: .* holds no MTP weights .*"
+                                        "pass mtp_layers=0"):
+        deepseek.pretrain_recipe(size="debug", cpu=True, restore_path=str(ckpt))
+    recipe = deepseek.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path / "ft"),
+                                      max_steps=2, restore_path=str(ckpt), mtp_layers=0)
+    recipe.trainer.callbacks.append(run.Config(WeightsAtStart))
+    recorder, trainer = train(recipe)
+    start = next(c for c in trainer.callbacks if isinstance(c, WeightsAtStart)).state
+    hf_state = hf.state_dict()
+    assert torch.equal(start["embedding.word_embeddings.weight"],
+                       hf_state["model.embed_tokens.weight"])
+    assert torch.equal(start["decoder.layers.1.mlp.router.expert_bias"],
+                       hf_state["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert len(recorder.losses) == 2

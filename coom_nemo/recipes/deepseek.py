@@ -10,6 +10,7 @@ from nemo.collections import llm
 
 from coom_nemo.models.deepseek import deepseek_model
 from coom_nemo.moe_metrics import ExpertLoadMetrics
+from coom_nemo.plan import PlanError
 from coom_nemo.recipe import Cluster, Extras, Layout, Optim, Preset, Schedule, from_preset
 
 PRESETS = {
@@ -78,12 +79,13 @@ def moe_overrides(mtp_layers=None, mtp_loss_weight=None, expert_bias_rate=None,
 
 
 def _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size, micro_batch_size,
-            seq_length, max_steps, precision, layout, data_paths, tokenizer, cpu, moe):
+            seq_length, max_steps, precision, layout, data_paths, tokenizer, cpu, moe,
+            restore_path):
     presets = PRESETS
     if moe and size in PRESETS:
         model = deepseek_model(size, **moe)
         presets = {**PRESETS, size: dataclasses.replace(PRESETS[size], model=model)}
-    extras = Extras(callbacks=[run.Config(ExpertLoadMetrics)])
+    extras = Extras(callbacks=[run.Config(ExpertLoadMetrics)], restore_path=restore_path)
     recipe = from_preset(
         presets, size, name=name or f"deepseek_{size}", dir=dir, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
@@ -91,8 +93,25 @@ def _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size, micro_
         precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
         extras=extras,
     )
+    if restore_path and recipe.model.config.mtp_num_layers:
+        check_has_mtp_weights(restore_path)
     print_kv_cache_report(recipe)
     return recipe
+
+
+def check_has_mtp_weights(path: str) -> None:
+    """Refuse to restore MTP layers from a checkpoint without them
+    (megatron-core would fail deep inside the load)."""
+    from pathlib import Path
+
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    weights = Path(path) / "weights"
+    if not weights.is_dir():
+        return  # not on this host (e.g. a cluster path): checked at load
+    if not any(".mtp." in name for name in load_tensors_metadata(str(weights))):
+        raise PlanError("restore_path", f"{path} holds no MTP weights (an HF import has none)",
+                        "pass mtp_layers=0 to train from it without MTP")
 
 
 def print_kv_cache_report(recipe) -> None:
@@ -128,6 +147,7 @@ def pretrain_recipe(
     expert_bias_rate: Optional[float] = None,
     aux_loss_coeff: Optional[float] = None,
     capacity_factor: Optional[float] = None,
+    restore_path: Optional[str] = None,
 ) -> run.Partial:
     """DeepSeek-style MoE, ~16B total / ~2.5B active by default.
 
@@ -136,13 +156,15 @@ def pretrain_recipe(
     (aux-loss-free balancing bias step per update, 0 = off),
     ``aux_loss_coeff`` (sequence-wise aux loss), ``capacity_factor``
     (drop tokens over this multiple of an even share; None = no
-    dropping).
+    dropping). ``restore_path``: start from these weights, e.g. a
+    DeepSeek-V3 HF checkpoint imported with ``llm.import_ckpt`` (it
+    holds no MTP weights: pair it with ``mtp_layers=0``).
     """
     moe = moe_overrides(mtp_layers, mtp_loss_weight, expert_bias_rate, aux_loss_coeff,
                         capacity_factor)
     return _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size,
                    micro_batch_size, seq_length, max_steps, precision, layout, data_paths,
-                   tokenizer, cpu, moe)
+                   tokenizer, cpu, moe, restore_path)
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_deepseek_v3")
@@ -161,10 +183,11 @@ def pretrain_recipe_v3(
     expert_bias_rate: Optional[float] = None,
     aux_loss_coeff: Optional[float] = None,
     capacity_factor: Optional[float] = None,
+    restore_path: Optional[str] = None,
 ) -> run.Partial:
     """The 671B DeepSeek-V3 size of ``coom_deepseek`` (same
     arguments)."""
     moe = moe_overrides(mtp_layers, mtp_loss_weight, expert_bias_rate, aux_loss_coeff,
                         capacity_factor)
     return _recipe("v3", name, dir, num_nodes, None, global_batch_size, None, None, max_steps,
-                   precision, layout, data_paths, tokenizer, False, moe)
+                   precision, layout, data_paths, tokenizer, False, moe, restore_path)
