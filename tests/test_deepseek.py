@@ -1,6 +1,5 @@
 """coom_deepseek: EP=2 training with MTP and expert-load metrics, the
-expert bias balancing load, token dropping, the KV-cache report, HF
-import and fine-tuning."""
+expert bias balancing load, token dropping, HF import, bad input."""
 
 import json
 import math
@@ -13,9 +12,12 @@ import pytest
 import torch
 from conftest import PYTHON, ROOT
 from helpers import falls, train
+from test_cli import NEMO
 from test_parallel_cpu import _free_port
 
+from coom_nemo import launch
 from coom_nemo.model_math import kv_cache_report
+from coom_nemo.models.base import has_transformer_engine
 from coom_nemo.models.deepseek import SIZES, CoomDeepSeekConfig, config_from_hf
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.plan import PlanError
@@ -229,3 +231,41 @@ def test_hf_deepseek_v3_imports_with_matching_logits_and_fine_tunes(tmp_path):
     assert torch.equal(start["decoder.layers.1.mlp.router.expert_bias"],
                        hf_state["model.layers.1.mlp.gate.e_score_correction_bias"])
     assert len(recorder.losses) == 2
+
+
+# -- bad input --------------------------------------------------------
+
+
+def test_experts_not_divisible_by_ep_fail_before_launch(run_cmd):
+    message = ("trainer.strategy.expert_model_parallel_size: EP=3 does not divide the 16 "
+               "experts; use an EP that divides 16")
+    code, out = run_cmd([PYTHON, str(ROOT / "recipes" / "deepseek_moe.py"), "--size", "debug",
+                         "--cpu", "--gpus-per-node", "3", "--layout", "EP3"])
+    assert code == 2
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        f"error: {message}"]
+    code, out = run_cmd([NEMO, "llm", "pretrain", "--factory",
+                         "coom_deepseek(size=debug, cpu=True, gpus_per_node=3, layout=EP3)",
+                         "--yes"])
+    assert code != 0 and "Dry run" not in out
+    assert out.strip().splitlines()[-1] == f"Unexpected error: {message}"  # nemo_run's prefix
+
+
+@pytest.mark.skipif(has_transformer_engine(), reason="TransformerEngine imports here")
+@pytest.mark.parametrize("precision, scaling", [("fp8-delayed", "delayed"),
+                                                ("fp8-current", "tensorwise"),
+                                                ("fp8-blockwise", "blockwise")])
+def test_fp8_without_transformer_engine_fails_before_a_local_launch(precision, scaling, capsys):
+    code = launch.main(deepseek.pretrain_recipe, "16b",
+                       ["--size", "debug", "--gpus-per-node", "1", "--precision", precision])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == [f"error: trainer.plugins: FP8 ({scaling} scaling) needs "
+                      "TransformerEngine, which does not import on this host; use "
+                      "precision='bf16', or run in a container with TransformerEngine "
+                      "(nvcr.io/nvidia/nemo:26.02)"]
+
+
+def test_fp8_in_cpu_mode_is_refused_not_silently_dropped():
+    with pytest.raises(PlanError, match="^precision: fp8-current needs TransformerEngine"):
+        deepseek.pretrain_recipe(size="debug", cpu=True, precision="fp8-current")
