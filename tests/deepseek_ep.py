@@ -1,11 +1,12 @@
-"""Train the debug coom_deepseek with EP=2 over 2 gloo ranks, once per
-expert-bias update rate, all in one multi-process job (start it with
-torchrun).
+"""Train the debug coom_deepseek over 2 gloo ranks, once per RUN
+(layout, expert-bias update rate, steps), all in one multi-process job
+(start it with torchrun).
 
-Usage: torchrun --nproc-per-node 2 tests/deepseek_ep.py OUT_DIR STEPS \
-    RATE [RATE ...]
-Every rank writes ``OUT_DIR/rate<RATE>.rank<r>.json``: its losses and
-ExpertLoadMetrics' per-step scalars. Every run has the same seed.
+Usage: torchrun --nproc-per-node 2 tests/deepseek_ep.py OUT_DIR \
+    LAYOUT:RATE:STEPS [LAYOUT:RATE:STEPS ...]
+Every rank writes ``OUT_DIR/<LAYOUT>_rate<RATE>.rank<r>.json``: its
+losses and ExpertLoadMetrics' per-step scalars. Every run has the same
+seed.
 
 The data: mock token sequences over a 64-token vocabulary (the model's
 too, so there is no input-independent unigram to learn and collapse
@@ -23,7 +24,7 @@ from pathlib import Path
 VOCAB = 64
 
 
-def main(out, steps, *rates):
+def main(out, *runs):
     import os
 
     import fiddle as fdl
@@ -37,10 +38,12 @@ def main(out, steps, *rates):
     # (not torchrun's agent store, which keeps the last group's keys).
     os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
     first_port = int(os.environ["MASTER_PORT"]) + 1
-    for index, rate in enumerate(rates):
+    for index, spec in enumerate(runs):
+        layout, rate, steps = spec.split(":")
+        name = f"{layout}_rate{rate}"
         os.environ["MASTER_PORT"] = str(first_port + index)
-        recipe = pretrain_recipe(size="debug", cpu=True, dir=f"{out}/rate{rate}",
-                                 gpus_per_node=2, layout="EP2", max_steps=int(steps),
+        recipe = pretrain_recipe(size="debug", cpu=True, dir=f"{out}/{name}",
+                                 gpus_per_node=2, layout=layout, max_steps=int(steps),
                                  tokenizer=f"null:{VOCAB}", expert_bias_rate=float(rate))
         recipe.model.config.vocab_size = VOCAB
         recipe.log.ckpt = None
@@ -52,7 +55,7 @@ def main(out, steps, *rates):
         fn()
         recorder = next(c for c in trainer.callbacks if isinstance(c, LossRecorder))
         metrics = next(c for c in trainer.callbacks if isinstance(c, ExpertLoadMetrics))
-        Path(out, f"rate{rate}.rank{trainer.global_rank}.json").write_text(
+        Path(out, f"{name}.rank{trainer.global_rank}.json").write_text(
             json.dumps({"losses": recorder.losses, "metrics": list(metrics.history)}))
 
 

@@ -28,29 +28,29 @@ STEPS = 30  # the expert bias moves 1e-3 a step: 30 steps show it
 
 @pytest.mark.multiproc
 def test_ep2_trains_logs_mtp_and_load_and_the_expert_bias_balances(run_cmd, tmp_path):
-    # same seed and data; expert bias at megatron-core's default rate,
-    # then off
+    # EP2 with the expert bias at megatron-core's default rate, then
+    # off (same seed and data); then PP2, whose rank 0 has no MoE layer
     code, out = run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                          "--master-port", str(_free_port()),
-                         str(ROOT / "tests" / "deepseek_ep.py"), str(tmp_path), str(STEPS),
-                         "0.001", "0"],
+                         str(ROOT / "tests" / "deepseek_ep.py"), str(tmp_path),
+                         f"EP2:0.001:{STEPS}", f"EP2:0:{STEPS}", "PP2:0.001:3"],
                         env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
     assert code == 0, out[-3000:]
-    runs = {rate: [json.loads((tmp_path / f"rate{rate}.rank{r}.json").read_text())
-                   for r in range(2)] for rate in ("0.001", "0")}
-    with_bias, _ = runs["0.001"]
+    runs = {name: [json.loads((tmp_path / f"{name}.rank{r}.json").read_text())
+                   for r in range(2)] for name in ("EP2_rate0.001", "EP2_rate0", "PP2_rate0.001")}
+    with_bias, _ = runs["EP2_rate0.001"]
     # EP=2 x DP=2: both ranks report the global batch's loss and load
-    for rank0, rank1 in runs.values():
-        assert rank0 == rank1
+    for name in ("EP2_rate0.001", "EP2_rate0"):
+        assert runs[name][0] == runs[name][1]
     losses = with_bias["losses"]
     assert len(losses) == STEPS and falls(losses), losses
     mtp = [step["mtp_1_loss"] for step in with_bias["metrics"]]
     assert falls(mtp), mtp  # logged apart from the LM loss
     # ... and printed, with the load, each step and in the summary
     assert sum("| mtp_1 loss " in line and "max/mean load" in line
-               for line in out.splitlines()) == 2 * STEPS
+               for line in out.splitlines()) == 2 * STEPS + 3
     assert f"expert load over {STEPS} steps" in out and "layer 2: max/mean" in out
-    tags = _tensorboard_tags(tmp_path / "rate0.001")
+    tags = _tensorboard_tags(tmp_path / "EP2_rate0.001")
     assert {"mtp_1_loss", "moe/layer2/max_mean_load", "moe/mtp1/max_mean_load",
             "moe/layer2/bias_max", "moe/layer2/dropped_tokens", "moe/aux_loss"} <= tags
 
@@ -58,12 +58,18 @@ def test_ep2_trains_logs_mtp_and_load_and_the_expert_bias_balances(run_cmd, tmp_
         return sum(step["moe/max_mean_load"] for step in metrics[-10:]) / 10
 
     balanced = late_load(with_bias["metrics"])
-    unbalanced = late_load(runs["0"][0]["metrics"])
+    unbalanced = late_load(runs["EP2_rate0"][0]["metrics"])
     print(f"max/mean load, steps {STEPS - 9}-{STEPS}: expert bias {balanced:.3f}, "
           f"none {unbalanced:.3f}")
     assert balanced < unbalanced - 0.05
     assert with_bias["metrics"][-1]["moe/layer2/bias_max"] > 0
-    assert "moe/layer2/bias_max" not in runs["0"][0]["metrics"][-1]
+    assert "moe/layer2/bias_max" not in runs["EP2_rate0"][0]["metrics"][-1]
+
+    # PP2: the first stage (rank 0, which logs) has no MoE layer and no
+    # MTP; it still reports the last stage's
+    first, last = (run["metrics"][-1] for run in runs["PP2_rate0.001"])
+    assert first == last
+    assert first["moe/layer2/max_mean_load"] >= 1 and math.isfinite(first["mtp_1_loss"])
 
 
 def _tensorboard_tags(run_dir):
