@@ -95,6 +95,18 @@ def test_capacity_factor_drops_tokens_and_the_metrics_count_them(tmp_path):
         assert float(layer.tokens_per_expert.sum()) + layer.dropped == tokens * 4
         assert 0 < layer.dropped_fraction < 0.5
 
+    # the router: sigmoid scores, top-4 experts from at most 2 of the 4
+    # groups of 4
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = next(m for m in trainer.lightning_module.modules() if isinstance(m, TopKRouter))
+    router.config.moe_expert_capacity_factor = None  # routing alone
+    with torch.no_grad():
+        probs, chosen = router.eval().routing(torch.randn(64, 2, 16))
+    assert chosen.sum(dim=1).eq(4).all()
+    assert chosen.view(-1, 4, 4).any(dim=2).sum(dim=1).le(2).all()
+    assert probs.sum(dim=1) == pytest.approx(torch.full((128,), 2.5))  # normalized x 2.5
+
 
 def test_factory_arguments_set_mtp_bias_aux_loss_and_capacity():
     config = deepseek.pretrain_recipe(size="debug", cpu=True, mtp_layers=2,
