@@ -237,7 +237,9 @@ def kv_cache_report(cfg, bytes_per_element: int = 2, gqa_groups: int = 8) -> str
         kind = "MLA"
     else:
         kind = "MHA" if groups == shape.heads else f"GQA-{groups}"
-    options = [(f"GQA-{gqa_groups}", gqa_groups * per_head), ("MHA", shape.heads * per_head)]
+    options = [("MHA", shape.heads * per_head)]
+    if gqa_groups < shape.heads:
+        options.insert(0, (f"GQA-{gqa_groups}", gqa_groups * per_head))
     parts = [f"{kind} {_bytes(own)}"] + [
         f"{name} {_bytes(size)} ({size / own:.1f}x)" for name, size in options
         if name != kind and size != own]

@@ -81,7 +81,10 @@ def _tensorboard_tags(run_dir):
     return set(accumulator.Tags()["scalars"])
 
 
-def test_capacity_factor_drops_tokens_and_the_metrics_count_them(tmp_path):
+def test_capacity_factor_drops_tokens_and_the_metrics_count_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "coom-test")  # W&B gets the metrics too
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     recipe = deepseek.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path), max_steps=3,
                                       capacity_factor=1.0)
     assert recipe.model.config.moe_expert_capacity_factor == 1.0
@@ -94,6 +97,11 @@ def test_capacity_factor_drops_tokens_and_the_metrics_count_them(tmp_path):
     for layer in metrics.summary():
         assert float(layer.tokens_per_expert.sum()) + layer.dropped == tokens * 4
         assert 0 < layer.dropped_fraction < 0.5
+    import wandb
+
+    wandb.finish()  # flush the offline run
+    (run_file,) = tmp_path.rglob("offline-run-*/*.wandb")
+    assert b"moe/layer2/dropped_tokens" in run_file.read_bytes()
 
     # the router: sigmoid scores, top-4 experts from at most 2 of the 4
     # groups of 4
@@ -146,6 +154,9 @@ def test_kv_cache_report_of_deepseek_v3_and_of_a_gqa_model():
         "MHA 4.8 MiB (71.1x); MLA at 4096 tokens: 274.5 MiB")
     llama_405b = SimpleNamespace(num_layers=126, hidden_size=16384, num_attention_heads=128,
                                  num_query_groups=8, seq_length=8192)
+    tiny = SimpleNamespace(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=128)
+    assert kv_cache_report(tiny) == ("kv_cache per token (16-bit, 2 layers): MHA 512 B; "
+                                     "MHA at 128 tokens: 64.0 KiB")  # 2 x 2 x 4 x 16 x 2 B
     assert kv_cache_report(llama_405b) == (
         "kv_cache per token (16-bit, 126 layers): GQA-8 504.0 KiB | MHA 7.9 MiB (16.0x); "
         "GQA-8 at 8192 tokens: 3.9 GiB")
