@@ -93,8 +93,11 @@ def indexed_data(paths, tokenizer: run.Config, seq_length: int, global_batch_siz
     ``paths`` is a list of prefixes (split by ``split``) or a dict with
     ``train``/``validation``/``test`` lists, as
     ``PreTrainingDataModule``
-    takes them.
+    takes them; a missing ``test`` reuses ``validation`` (NeMo needs
+    all three).
     """
+    if isinstance(paths, dict) and "test" not in paths:
+        paths = {**paths, "test": paths.get("validation", [])}
     groups = paths.values() if isinstance(paths, dict) else [paths]
     for group in groups:
         check_prefixes([p for p in group if not _is_weight(p)], "data.paths")

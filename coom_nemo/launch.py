@@ -74,6 +74,18 @@ def build(factory, args: argparse.Namespace):
     return recipe
 
 
+def check_this_host(recipe) -> None:
+    """A local launch runs on this host: refuse what it cannot run
+    (FP8 without TransformerEngine, a GPU recipe without a GPU) before
+    any process starts. A Slurm job checks its own node instead, when
+    its trainer is built (the login node may lack TE or GPUs)."""
+    import fiddle as fdl
+
+    from coom_nemo.trainer import check_host
+
+    check_host(recipe.trainer.accelerator, fdl.build(recipe.trainer.plugins))
+
+
 def slurm_executor(args: argparse.Namespace, recipe):
     import nemo_run as run
 
@@ -116,6 +128,8 @@ def main(factory, default_size: str, argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, default_size)
     try:
         recipe = build(factory, args)
+        if args.executor == "local" and not args.dryrun:
+            check_this_host(recipe)
     except (PlanError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

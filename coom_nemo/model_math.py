@@ -220,6 +220,41 @@ def kv_cache_bytes_per_token(cfg, bytes_per_element: int = 2) -> int:
     return layers * per_layer * bytes_per_element
 
 
+def kv_cache_report(cfg, bytes_per_element: int = 2, gqa_groups: int = 8) -> str:
+    """One line: inference KV-cache bytes per token of this model vs
+    the same model with GQA (``gqa_groups`` KV heads) and with MHA.
+
+    The alternatives keep the heads and their key/value widths (for
+    MLA: ``qk_head_dim + qk_pos_emb_head_dim`` and ``v_head_dim``) and
+    cache a key and a value per KV head, where MLA caches one latent.
+    """
+    layers = int(cfg.num_layers)
+    shape = attention_shape(cfg)
+    per_head = layers * (shape.qk_dim + shape.v_dim) * bytes_per_element
+    groups = int(_get(cfg, "num_query_groups") or shape.heads)
+    own = kv_cache_bytes_per_token(cfg, bytes_per_element)
+    if _get(cfg, "multi_latent_attention", False):
+        kind = "MLA"
+    else:
+        kind = "MHA" if groups == shape.heads else f"GQA-{groups}"
+    options = [("MHA", shape.heads * per_head)]
+    if gqa_groups < shape.heads:
+        options.insert(0, (f"GQA-{gqa_groups}", gqa_groups * per_head))
+    parts = [f"{kind} {_bytes(own)}"] + [
+        f"{name} {_bytes(size)} ({size / own:.1f}x)" for name, size in options
+        if name != kind and size != own]
+    seq = int(_get(cfg, "seq_length", 4096))
+    return (f"kv_cache per token ({8 * bytes_per_element}-bit, {layers} layers): "
+            + " | ".join(parts) + f"; {kind} at {seq} tokens: {_bytes(own * seq)}")
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def human(n: float) -> str:
     """1234567 -> '1.23M' (B for billions, as model cards write it)."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -24,7 +24,7 @@ from nemo.collections.llm.recipes.precision import mixed_precision
 from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
 from coom_nemo.callbacks import StepMetrics
-from coom_nemo.plan import Plan, PlanOptions
+from coom_nemo.plan import Plan, PlanError, PlanOptions
 from coom_nemo.strategy import CoomMegatronStrategy
 from coom_nemo.trainer import Trainer
 
@@ -271,6 +271,9 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
     from coom_nemo import api
 
     extras = extras or Extras()
+    if cpu and precision.startswith("fp8"):
+        raise PlanError("precision", f"{precision} needs TransformerEngine on a GPU; CPU mode "
+                        "trains in fp32", "drop the precision setting or cpu=True")
     if cpu:
         precision = "fp32"
         cluster = Cluster(num_nodes=1, gpus_per_node=cluster.gpus_per_node, gpu_memory_gb=0)

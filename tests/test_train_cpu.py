@@ -35,3 +35,15 @@ def test_debug_llama_trains_checkpoints_and_resumes(tmp_path):
     after = {p.name for p in checkpoints.iterdir()}
     assert any(name.startswith("step=19") for name in after)
     assert resumed.losses[0] < recorder.losses[0]
+
+
+def test_wandb_logs_offline_when_configured(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "coom-test")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    recipe = llama31_405b.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path),
+                                          max_steps=2)
+    assert recipe.log.wandb is not None
+    train(recipe)
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir()), runs

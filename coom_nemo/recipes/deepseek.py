@@ -2,13 +2,16 @@
 
 # No `from __future__ import annotations`: NeMo-Run reads the
 # factories' annotations as types to parse CLI arguments.
+import dataclasses
 from typing import Optional
 
 import nemo_run as run
 from nemo.collections import llm
 
 from coom_nemo.models.deepseek import deepseek_model
-from coom_nemo.recipe import Cluster, Layout, Optim, Preset, Schedule, from_preset
+from coom_nemo.moe_metrics import ExpertLoadMetrics
+from coom_nemo.plan import PlanError
+from coom_nemo.recipe import Cluster, Extras, Layout, Optim, Preset, Schedule, from_preset
 
 PRESETS = {
     "16b": Preset(
@@ -24,8 +27,7 @@ PRESETS = {
     "v3": Preset(
         model=deepseek_model("v3"),
         # 61 layers = 3 (first stage, with the embedding) + 14 x 4 + 2
-        # (last
-        # stage, with the output layer and MTP)
+        # (last stage, with the output layer and MTP)
         layout=Layout(tp=2, pp=16, ep=64, etp=1, first_stage_layers=3, last_stage_layers=2),
         cluster=Cluster(num_nodes=128, gpus_per_node=8),
         global_batch_size=4096,
@@ -48,14 +50,80 @@ PRESETS = {
 }
 
 
+def moe_overrides(mtp_layers=None, mtp_loss_weight=None, expert_bias_rate=None,
+                  aux_loss_coeff=None, capacity_factor=None) -> dict:
+    """Model config fields for the factories' MoE/MTP arguments."""
+    given = dict(mtp_layers=mtp_layers, mtp_loss_weight=mtp_loss_weight,
+                 expert_bias_rate=expert_bias_rate, aux_loss_coeff=aux_loss_coeff)
+    for name, value in given.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{name}: {value} is negative; use 0 or more")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor: {capacity_factor} would drop every token; use "
+                         "a value above 0 (1.0 = an even share), or None for no dropping")
+    fields = {}
+    if mtp_layers is not None:
+        fields["mtp_num_layers"] = mtp_layers or None  # 0: no MTP
+        if not mtp_layers:
+            fields["mtp_loss_scaling_factor"] = None
+    if mtp_loss_weight is not None:
+        fields["mtp_loss_scaling_factor"] = mtp_loss_weight
+    if expert_bias_rate is not None:
+        fields["moe_router_enable_expert_bias"] = expert_bias_rate > 0
+        fields["moe_router_bias_update_rate"] = expert_bias_rate
+    if aux_loss_coeff is not None:
+        fields["moe_aux_loss_coeff"] = aux_loss_coeff
+    if capacity_factor is not None:
+        fields["moe_expert_capacity_factor"] = capacity_factor
+    return fields
+
+
 def _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size, micro_batch_size,
-            seq_length, max_steps, precision, layout, data_paths, tokenizer, cpu):
-    return from_preset(
-        PRESETS, size, name=name or f"deepseek_{size}", dir=dir, num_nodes=num_nodes,
+            seq_length, max_steps, precision, layout, data_paths, tokenizer, cpu, moe,
+            restore_path):
+    presets = PRESETS
+    if moe and size in PRESETS:
+        model = deepseek_model(size, **moe)
+        presets = {**PRESETS, size: dataclasses.replace(PRESETS[size], model=model)}
+    extras = Extras(callbacks=[run.Config(ExpertLoadMetrics)], restore_path=restore_path)
+    recipe = from_preset(
+        presets, size, name=name or f"deepseek_{size}", dir=dir, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
         micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
         precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
+        extras=extras,
     )
+    if restore_path and recipe.model.config.mtp_num_layers:
+        check_has_mtp_weights(restore_path)
+    print_kv_cache_report(recipe)
+    return recipe
+
+
+def check_has_mtp_weights(path: str) -> None:
+    """Refuse to restore MTP layers from a checkpoint without them
+    (megatron-core would fail deep inside the load)."""
+    from pathlib import Path
+
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    weights = Path(path) / "weights"
+    if not weights.is_dir():
+        return  # not on this host (e.g. a cluster path): checked at load
+    if not any(".mtp." in name for name in load_tensors_metadata(str(weights))):
+        raise PlanError("restore_path", f"{path} holds no MTP weights (an HF import has none)",
+                        "pass mtp_layers=0 to train from it without MTP")
+
+
+def print_kv_cache_report(recipe) -> None:
+    """Inference KV cache per token: this model's (MLA caches the
+    latent) vs the same model with GQA or MHA."""
+    import fiddle as fdl
+
+    from coom_nemo import api
+    from coom_nemo.model_math import kv_cache_report
+
+    if api.is_rank_zero():
+        print(kv_cache_report(fdl.build(recipe.model.config)), flush=True)
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_deepseek")
@@ -74,11 +142,29 @@ def pretrain_recipe(
     data_paths: Optional[list[str]] = None,
     tokenizer: Optional[str] = None,
     cpu: bool = False,
+    mtp_layers: Optional[int] = None,
+    mtp_loss_weight: Optional[float] = None,
+    expert_bias_rate: Optional[float] = None,
+    aux_loss_coeff: Optional[float] = None,
+    capacity_factor: Optional[float] = None,
+    restore_path: Optional[str] = None,
 ) -> run.Partial:
-    """DeepSeek-style MoE, ~16B total / ~2.5B active by default."""
+    """DeepSeek-style MoE, ~16B total / ~2.5B active by default.
+
+    MoE/MTP arguments (None keeps the size's default): ``mtp_layers``
+    (MTP depth, 0 = off), ``mtp_loss_weight``, ``expert_bias_rate``
+    (aux-loss-free balancing bias step per update, 0 = off),
+    ``aux_loss_coeff`` (sequence-wise aux loss), ``capacity_factor``
+    (drop tokens over this multiple of an even share; None = no
+    dropping). ``restore_path``: start from these weights, e.g. a
+    DeepSeek-V3 HF checkpoint imported with ``llm.import_ckpt`` (it
+    holds no MTP weights: pair it with ``mtp_layers=0``).
+    """
+    moe = moe_overrides(mtp_layers, mtp_loss_weight, expert_bias_rate, aux_loss_coeff,
+                        capacity_factor)
     return _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size,
                    micro_batch_size, seq_length, max_steps, precision, layout, data_paths,
-                   tokenizer, cpu)
+                   tokenizer, cpu, moe, restore_path)
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_deepseek_v3")
@@ -92,7 +178,16 @@ def pretrain_recipe_v3(
     layout: Optional[str] = None,
     data_paths: Optional[list[str]] = None,
     tokenizer: Optional[str] = None,
+    mtp_layers: Optional[int] = None,
+    mtp_loss_weight: Optional[float] = None,
+    expert_bias_rate: Optional[float] = None,
+    aux_loss_coeff: Optional[float] = None,
+    capacity_factor: Optional[float] = None,
+    restore_path: Optional[str] = None,
 ) -> run.Partial:
-    """The 671B DeepSeek-V3 size of ``coom_deepseek``."""
+    """The 671B DeepSeek-V3 size of ``coom_deepseek`` (same
+    arguments)."""
+    moe = moe_overrides(mtp_layers, mtp_loss_weight, expert_bias_rate, aux_loss_coeff,
+                        capacity_factor)
     return _recipe("v3", name, dir, num_nodes, None, global_batch_size, None, None, max_steps,
-                   precision, layout, data_paths, tokenizer, False)
+                   precision, layout, data_paths, tokenizer, False, moe, restore_path)

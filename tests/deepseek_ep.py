@@ -1,0 +1,63 @@
+"""Train the debug coom_deepseek over 2 gloo ranks, once per RUN
+(layout, expert-bias update rate, steps), all in one multi-process job
+(start it with torchrun).
+
+Usage: torchrun --nproc-per-node 2 tests/deepseek_ep.py OUT_DIR \
+    LAYOUT:RATE:STEPS [LAYOUT:RATE:STEPS ...]
+Every rank writes ``OUT_DIR/<LAYOUT>_rate<RATE>.rank<r>.json``: its
+losses and ExpertLoadMetrics' per-step scalars. Every run has the same
+seed.
+
+The data: mock token sequences over a 64-token vocabulary (the model's
+too, so there is no input-independent unigram to learn and collapse
+to), repeating every 32 samples (memorizable: hidden states stay
+token-specific). With few token types, routing is lumpy by type: a
+systematic imbalance that the expert bias can take out. Over a 1024-
+token vocabulary the lumps average out and the load is near even from
+the start (max/mean ~1.06), so there would be nothing to balance.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+VOCAB = 64
+
+
+def main(out, *runs):
+    import os
+
+    import fiddle as fdl
+    import nemo_run as run
+    from helpers import LossRecorder
+
+    from coom_nemo.moe_metrics import ExpertLoadMetrics
+    from coom_nemo.recipes.deepseek import pretrain_recipe
+
+    # Each run starts a new process group; a fresh store per group
+    # (not torchrun's agent store, which keeps the last group's keys).
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    first_port = int(os.environ["MASTER_PORT"]) + 1
+    for index, spec in enumerate(runs):
+        layout, rate, steps = spec.split(":")
+        name = f"{layout}_rate{rate}"
+        os.environ["MASTER_PORT"] = str(first_port + index)
+        recipe = pretrain_recipe(size="debug", cpu=True, dir=f"{out}/{name}",
+                                 gpus_per_node=2, layout=layout, max_steps=int(steps),
+                                 tokenizer=f"null:{VOCAB}", expert_bias_rate=float(rate))
+        recipe.model.config.vocab_size = VOCAB
+        recipe.log.ckpt = None
+        recipe.trainer.enable_checkpointing = False
+        recipe.trainer.val_check_interval = int(steps)  # validate once, at the end
+        recipe.trainer.callbacks.append(run.Config(LossRecorder))
+        fn = fdl.build(recipe)
+        trainer = fn.keywords["trainer"]
+        fn()
+        recorder = next(c for c in trainer.callbacks if isinstance(c, LossRecorder))
+        metrics = next(c for c in trainer.callbacks if isinstance(c, ExpertLoadMetrics))
+        Path(out, f"{name}.rank{trainer.global_rank}.json").write_text(
+            json.dumps({"losses": recorder.losses, "metrics": list(metrics.history)}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
