@@ -37,7 +37,7 @@ def reference_then_layouts(run_cmd, tmp_path, factory, num_layers, layouts):
                          "--master-port", str(_free_port()),
                          str(ROOT / "tests" / "parallel_equivalence.py"), factory,
                          str(tmp_path), init, str(STEPS), str(num_layers), *layouts],
-                        env={"PYTHONPATH": str(ROOT / "tests")})
+                        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert code == 0, out[-3000:]
     curves = {layout: [json.loads((tmp_path / f"{layout}.rank{r}.json").read_text())
                        for r in range(2)] for layout in layouts}
