@@ -4,6 +4,7 @@ expert bias balancing load, token dropping, HF import, bad input."""
 import json
 import math
 import os
+import time
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -101,7 +102,11 @@ def test_capacity_factor_drops_tokens_and_the_metrics_count_them(tmp_path, monke
 
     wandb.finish()  # flush the offline run
     (run_file,) = tmp_path.rglob("offline-run-*/*.wandb")
-    assert b"moe/layer2/dropped_tokens" in run_file.read_bytes()
+    # wandb's service process may still be writing after finish()
+    deadline = time.monotonic() + 60
+    while b"moe/layer2/dropped_tokens" not in run_file.read_bytes():
+        assert time.monotonic() < deadline, "W&B run file never got the MoE metrics"
+        time.sleep(0.5)
 
     # the router: sigmoid scores, top-4 experts from at most 2 of the 4
     # groups of 4

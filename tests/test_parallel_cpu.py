@@ -6,7 +6,6 @@ produce the single-process loss curve, on every rank.
 """
 
 import json
-import os
 import socket
 
 import nemo_run as run
@@ -38,8 +37,7 @@ def reference_then_layouts(run_cmd, tmp_path, factory, num_layers, layouts):
                          "--master-port", str(_free_port()),
                          str(ROOT / "tests" / "parallel_equivalence.py"), factory,
                          str(tmp_path), init, str(STEPS), str(num_layers), *layouts],
-                        # this tree's coom_nemo, not the installed one
-                        env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+                        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert code == 0, out[-3000:]
     curves = {layout: [json.loads((tmp_path / f"{layout}.rank{r}.json").read_text())
                        for r in range(2)] for layout in layouts}
