@@ -6,6 +6,7 @@ import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from coom_nemo.models import sdpa
 from coom_nemo.models.base import has_transformer_engine
 
 
@@ -39,23 +40,59 @@ def _bind_missing_te_names() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _TEWgradAccumulation:
+    """Apex's ``fused_weight_gradient_mlp_cuda`` through TE's GEMM:
+    ``main_grad += grad_output^T @ input``, accumulated in the GEMM."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        from transformer_engine.pytorch.cpp_extensions import general_gemm
+        from transformer_engine.pytorch.module.base import get_workspace
+
+        general_gemm(total_input, grad_output, get_workspace(), out_dtype=main_grad.dtype,
+                     accumulate=True, layout="NT", out=main_grad, grad=True)
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def _bind_wgrad_accumulation() -> None:
+    """megatron-core's own linear layers (the output layer; TE's fuse
+    by themselves) find ``gradient_accumulation_fusion``'s kernel only
+    in Apex (megatron/core/tensor_parallel/layers.py:44-48, 561)."""
+    from megatron.core.tensor_parallel import layers
+
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = _TEWgradAccumulation
+        layers._grad_accum_fusion_available = True
+
+
 def layer_spec(config, vp_stage: int | None = None):
     """Block spec for any coom config: dense or MoE, MHA/GQA or MLA.
 
     megatron-core's decoder block spec places MoE layers by
     ``moe_layer_freq`` and honours the pipeline layout; TE modules are
     used where :func:`use_transformer_engine`, else megatron-core's
-    local modules (with :class:`LocalMLACoreAttention` for MLA).
+    local modules, with SDPA core attention where :func:`sdpa.usable`
+    (else megatron-core's, or :class:`LocalMLACoreAttention` for MLA).
     """
     if getattr(config, "attention_gate", False):
         raise NotImplementedError("attention_gate: gated attention spec not available yet")
     te = use_transformer_engine()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=te,
                                        normalization=config.normalization, vp_stage=vp_stage)
+    if te and config.gradient_accumulation_fusion:
+        _bind_wgrad_accumulation()
     if not te:
         _bind_missing_te_names()
-        if getattr(config, "multi_latent_attention", False):
-            for layer in block.layer_specs:
-                layer.submodules.self_attention.submodules.core_attention = (
-                    LocalMLACoreAttention)
+        core = _core_attention_without_te(config)
+        for layer in block.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = core
     return block
+
+
+def _core_attention_without_te(config):
+    if sdpa.usable(config):
+        return sdpa.SDPACoreAttention
+    if getattr(config, "multi_latent_attention", False):
+        return LocalMLACoreAttention
+    return DotProductAttention
