@@ -66,7 +66,7 @@ def test_sdpa_matches_local_attention_gqa(model_parallel, window):
     expected = attend(local, q, k, v, causal)
     got = attend(fast, q, k, v, causal)
     assert got[0].shape == (s, b, 8 * d)
-    for e, o in zip(expected, got):
+    for e, o in zip(expected, got, strict=True):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
@@ -91,7 +91,8 @@ def test_mla_widths_match_local_mla_attention(model_parallel):
     q, k = torch.randn(12, 2, 8, 24), torch.randn(12, 2, 8, 24)
     v = torch.randn(12, 2, 8, 16)
     causal = torch.triu(torch.ones(12, 12, dtype=torch.bool), 1).view(1, 1, 12, 12)
-    for e, o in zip(attend(local, q, k, v, causal), attend(fast, q, k, v, causal)):
+    for e, o in zip(attend(local, q, k, v, causal), attend(fast, q, k, v, causal),
+                    strict=True):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 

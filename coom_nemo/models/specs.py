@@ -40,32 +40,6 @@ def _bind_missing_te_names() -> None:
         moe_utils.te_general_gemm = None
 
 
-class _TEWgradAccumulation:
-    """Apex's ``fused_weight_gradient_mlp_cuda`` through TE's GEMM:
-    ``main_grad += grad_output^T @ input``, accumulated in the GEMM."""
-
-    @staticmethod
-    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        from transformer_engine.pytorch.cpp_extensions import general_gemm
-        from transformer_engine.pytorch.module.base import get_workspace
-
-        general_gemm(total_input, grad_output, get_workspace(), out_dtype=main_grad.dtype,
-                     accumulate=True, layout="NT", out=main_grad, grad=True)
-
-    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
-
-
-def _bind_wgrad_accumulation() -> None:
-    """megatron-core's own linear layers (the output layer; TE's fuse
-    by themselves) find ``gradient_accumulation_fusion``'s kernel only
-    in Apex (megatron/core/tensor_parallel/layers.py:44-48, 561)."""
-    from megatron.core.tensor_parallel import layers
-
-    if not layers._grad_accum_fusion_available:
-        layers.fused_weight_gradient_mlp_cuda = _TEWgradAccumulation
-        layers._grad_accum_fusion_available = True
-
-
 def layer_spec(config, vp_stage: int | None = None):
     """Block spec for any coom config: dense or MoE, MHA/GQA or MLA.
 
@@ -80,8 +54,6 @@ def layer_spec(config, vp_stage: int | None = None):
     te = use_transformer_engine()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=te,
                                        normalization=config.normalization, vp_stage=vp_stage)
-    if te and config.gradient_accumulation_fusion:
-        _bind_wgrad_accumulation()
     if not te:
         _bind_missing_te_names()
         core = _core_attention_without_te(config)
