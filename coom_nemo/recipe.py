@@ -24,6 +24,7 @@ from nemo.collections.llm.recipes.precision import mixed_precision
 from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
 from coom_nemo.callbacks import StepMetrics
+from coom_nemo.energy import EnergyMetrics
 from coom_nemo.plan import Plan, PlanError, PlanOptions
 from coom_nemo.strategy import CoomMegatronStrategy
 from coom_nemo.trainer import Trainer
@@ -130,6 +131,7 @@ class Extras:
     seed: int = 1234
     wandb_project: str | None = None
     restore_path: str | None = None  # start from these weights (e.g. HF import)
+    energy: bool = True  # GPU energy per step/token (coom_nemo.energy)
 
 
 def strategy_config(layout: Layout, *, precision: str, cpu: bool, seed: int) -> run.Config:
@@ -279,13 +281,16 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
         cluster = Cluster(num_nodes=1, gpus_per_node=cluster.gpus_per_node, gpu_memory_gb=0)
     for key, value in RECOMPUTE[extras.recompute].items():
         setattr(model.config, key, value)
+    callbacks = list(extras.callbacks)
+    if extras.energy and not cpu:
+        callbacks.append(run.Config(EnergyMetrics, every_n_steps=schedule.log_every_n_steps))
     recipe = run.Partial(
         api.pretrain,
         model=model,
         data=data,
         trainer=trainer_config(layout=layout, cluster=cluster, precision=precision,
                                schedule=schedule, cpu=cpu, seed=extras.seed,
-                               callbacks=extras.callbacks),
+                               callbacks=callbacks),
         log=log_config(name, dir, schedule, extras.wandb_project),
         resume=resume_config(extras.restore_path),
         optim=optim_config(optim, precision=precision),

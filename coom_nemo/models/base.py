@@ -34,10 +34,11 @@ def has_apex() -> bool:
 
 
 # Fusion flag -> what provides its kernel.
-_NEEDS_TE = ("apply_rope_fusion", "cross_entropy_loss_fusion", "moe_permute_fusion",
+_NEEDS_TE = ("apply_rope_fusion", "moe_permute_fusion",
              "moe_router_fusion", "moe_grouped_gemm")
 _NEEDS_APEX = ("masked_softmax_fusion", "persist_layer_norm", "gradient_accumulation_fusion")
-_NEEDS_CUDA = ("bias_activation_fusion", "bias_dropout_fusion")
+# megatron-core's own fused cross entropy needs no TE (see below)
+_NEEDS_CUDA = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion")
 
 
 def adapt_to_runtime(config) -> list[str]:
@@ -53,6 +54,8 @@ def adapt_to_runtime(config) -> list[str]:
     turned_off = [name for name in missing if getattr(config, name, False)]
     for name in turned_off:
         setattr(config, name, False)
+    if not has_transformer_engine() and getattr(config, "cross_entropy_fusion_impl", "") == "te":
+        config.cross_entropy_fusion_impl = "native"
     if not torch.cuda.is_available():
         config.use_cpu_initialization = True
     return turned_off

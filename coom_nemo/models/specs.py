@@ -8,6 +8,7 @@ from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from coom_nemo.models import sdpa
 from coom_nemo.models.base import has_transformer_engine
 from coom_nemo.models.gated_attention import gate_layer
 
@@ -81,23 +82,30 @@ def layer_spec(config, vp_stage: int | None = None):
     megatron-core's decoder block spec places MoE layers by
     ``moe_layer_freq`` and honours the pipeline layout; TE modules are
     used where :func:`use_transformer_engine`, else megatron-core's
-    local modules with the fixes above (core attention, MLA, expert
-    biases). ``attention_gate`` swaps in gated attention
-    (``gated_attention``).
+    local modules with the fixes above (expert biases, sinks, MLA)
+    and SDPA core attention where :func:`sdpa.usable`.
+    ``attention_gate`` swaps in gated attention (``gated_attention``).
     """
     te = use_transformer_engine()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=te,
                                        normalization=config.normalization, vp_stage=vp_stage)
     if not te:
         _bind_missing_te_names()
-    mla = getattr(config, "multi_latent_attention", False)
+    core = None if te else _core_attention_without_te(config)
     for layer in block.layer_specs:
         if not te:
-            layer.submodules.self_attention.submodules.core_attention = (
-                LocalMLACoreAttention if mla else LocalCoreAttention)
+            layer.submodules.self_attention.submodules.core_attention = core
             experts = getattr(layer.submodules.mlp.submodules, "experts", None)
             if experts is not None and experts.module is SequentialMLP:
                 experts.submodules.linear_fc2 = LocalExpertRowParallelLinear
         if getattr(config, "attention_gate", False):
             gate_layer(layer, use_transformer_engine=te)
     return block
+
+
+def _core_attention_without_te(config):
+    if sdpa.usable(config):
+        return sdpa.SDPACoreAttention
+    if getattr(config, "multi_latent_attention", False):
+        return LocalMLACoreAttention
+    return LocalCoreAttention
