@@ -70,6 +70,7 @@ class Plan:
     precision: str = "bf16"
     cpu: bool = False
     distributed_optimizer: bool = True
+    fp32_grads: bool = True  # DDP grad_reduce_in_fp32
     gpu_memory_gb: float = 80.0
     check_memory: bool = True
 
@@ -116,6 +117,7 @@ class Plan:
         plugins = _field(trainer, "plugins") or _field(strategy, "precision_plugin")
         precision = _precision_name(plugins, cpu)
         opt_cfg = _field(optim, "config")
+        ddp = _field(strategy, "ddp_config") or _field(strategy, "ddp")
         return cls(
             name=options.model_name,
             cfg=cfg,
@@ -136,6 +138,7 @@ class Plan:
             precision=precision,
             cpu=cpu,
             distributed_optimizer=bool(_field(opt_cfg, "use_distributed_optimizer", False)),
+            fp32_grads=bool(_field(ddp, "grad_reduce_in_fp32", True)),
             gpu_memory_gb=options.gpu_memory_gb,
             check_memory=options.check_memory and not cpu,
         )
@@ -248,10 +251,11 @@ class Plan:
         """Per-GPU memory estimate of the most loaded pipeline stage.
 
         Weights + gradients + Adam state of the stage's parameters
-        (sharded over DP with the distributed optimizer) and the
-        activations the pipeline schedule keeps alive (after Korthikanti
-        et al., 2022, with flash attention: no s^2 term). A planning
-        figure: expect +-15%.
+        (the distributed optimizer shards dense parameters over DP x CP,
+        megatron/core/optimizer/__init__.py:609, experts over the
+        expert-DP group) and the activations the pipeline schedule keeps
+        alive (after Korthikanti et al., 2022, with flash attention: no
+        s^2 term). A planning figure: expect +-15%.
         """
         c = self.cfg
         p = count_params(c, self.tp)
@@ -269,10 +273,11 @@ class Plan:
         if self.precision == "fp32":
             weight_bytes, grad_bytes, master_bytes = 4, 4, 0
         else:
-            weight_bytes, grad_bytes, master_bytes = 2, 4, 4
+            weight_bytes, grad_bytes, master_bytes = 2, 4 if self.fp32_grads else 2, 4
         optim_bytes = 8 + master_bytes
         if self.distributed_optimizer:
-            states = stage_dense * optim_bytes / self.dp + stage_expert * optim_bytes / expert_dp
+            states = (stage_dense * optim_bytes / (self.dp * self.cp)
+                      + stage_expert * optim_bytes / expert_dp)
         else:
             states = (stage_dense + stage_expert) * optim_bytes
         weights = (stage_dense + stage_expert) * (weight_bytes + grad_bytes)
