@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import nemo_run as run
+import numpy
+from megatron.core.datasets.gpt_dataset import GPTDataset
+from megatron.core.datasets.utils import Split
 from nemo.collections import llm
 from nemo.collections.llm.gpt.data.mock import _MockGPTDataset
 
@@ -53,6 +56,46 @@ class MockData(llm.MockDataModule):
         self._train_ds = dataset("train", self.num_train_samples)
         self._validation_ds = dataset("valid", self.num_val_samples)
         self._test_ds = dataset("test", self.num_test_samples)
+
+
+class InOrderEvalDataset(GPTDataset):
+    """GPTDataset whose validation and test splits keep file order.
+
+    MLPerf's Llama 3.1 reference patches megatron-core (mcore.patch) so
+    evaluation reads the validation documents unshuffled: every
+    evaluation starts at sample 0 and covers the first sequences of
+    the file. Here an evaluation split is one epoch, in order; indices
+    past it wrap around to its start (as many as the data module asks
+    for, without building an index for each epoch).
+    """
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples,
+                 index_split, config):
+        self.in_order = index_split != Split.train
+        self.requested = num_samples if self.in_order else None
+        super().__init__(indexed_dataset, dataset_path, indexed_indices,
+                         None if self.in_order else num_samples, index_split, config)
+
+    def _build_document_sample_shuffle_indices(self):
+        if not self.in_order:
+            return super()._build_document_sample_shuffle_indices()
+        from megatron.core.datasets import helpers
+
+        documents = self.indices.astype(numpy.int32)
+        drop_last = (self.index_split != Split.valid
+                     or self.config.drop_last_partial_validation_sequence)
+        samples = helpers.build_sample_idx(
+            self.dataset.sequence_lengths, documents, self.config.sequence_length, 1,
+            self._get_num_tokens_per_epoch(), drop_last, self.config.add_extra_token_to_sequence)
+        return documents, samples, numpy.arange(len(samples) - 1, dtype=numpy.int64)
+
+    def __len__(self) -> int:
+        return self.requested or super().__len__()
+
+    def __getitem__(self, idx):
+        if self.in_order and idx is not None:
+            idx %= super().__len__()
+        return super().__getitem__(idx)
 
 
 def mock_data(tokenizer: run.Config, seq_length: int, global_batch_size: int,
