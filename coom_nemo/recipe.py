@@ -90,7 +90,8 @@ class Layout:
 class Optim:
     """Adam with linear warmup, then cosine decay to ``min_lr``.
 
-    The decay runs to ``trainer.max_steps`` (NeMo copies it into the
+    The decay ends at ``decay_end`` steps (warmup included) or, when it
+    is None, at ``trainer.max_steps`` (NeMo copies it into the
     scheduler at setup).
     """
 
@@ -101,6 +102,7 @@ class Optim:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float = 1.0
+    decay_end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,24 @@ def strategy_config(layout: Layout, *, precision: str, cpu: bool, seed: int) -> 
     )
 
 
+class FixedCosineAnnealingScheduler(CosineAnnealingScheduler):
+    """NeMo's warmup + cosine schedule ending at its own ``max_steps``.
+
+    NeMo's MegatronStrategy sets the scheduler's ``max_steps`` to
+    ``trainer.max_steps`` at setup (megatron_strategy.py:513); this one
+    keeps its own however early the run stops.
+    """
+
+    @property
+    def max_steps(self) -> int:
+        return self._max_steps
+
+    @max_steps.setter
+    def max_steps(self, value: int) -> None:
+        if not hasattr(self, "_max_steps"):  # set once, by __init__
+            self._max_steps = value
+
+
 def optim_config(optim: Optim, *, precision: str) -> run.Config:
     return run.Config(
         nl.MegatronOptimizerModule,
@@ -185,13 +205,16 @@ def optim_config(optim: Optim, *, precision: str) -> run.Config:
             fp16=precision == "fp16",
             use_distributed_optimizer=True,
         ),
-        lr_scheduler=run.Config(
-            CosineAnnealingScheduler,
-            warmup_steps=optim.warmup_steps,
-            constant_steps=0,
-            min_lr=optim.min_lr if optim.min_lr is not None else optim.lr / 10,
-        ),
+        lr_scheduler=scheduler_config(optim),
     )
+
+
+def scheduler_config(optim: Optim) -> run.Config:
+    kwargs = dict(warmup_steps=optim.warmup_steps, constant_steps=0,
+                  min_lr=optim.min_lr if optim.min_lr is not None else optim.lr / 10)
+    if optim.decay_end is None:
+        return run.Config(CosineAnnealingScheduler, **kwargs)
+    return run.Config(FixedCosineAnnealingScheduler, max_steps=optim.decay_end, **kwargs)
 
 
 def log_config(name: str, dir: str | None, schedule: Schedule,
@@ -360,12 +383,13 @@ def from_preset(presets: dict[str, Preset], size: str, *, name: str, dir: str | 
     ``num_nodes`` changes data parallelism only: the layout stays unless
     ``layout`` (e.g. ``"TP2.PP2"``) changes it. ``data_paths`` None
     means
-    mock data.
+    mock data. A ``tokenizer`` given here also sets the model's
+    vocabulary size.
     """
     import copy
 
     from coom_nemo.data import indexed_data, mock_data
-    from coom_nemo.tokenizers import tokenizer_config
+    from coom_nemo.tokenizers import tokenizer_config, vocab_size
 
     if size not in presets:
         raise ValueError(f"size: {size!r} is not one of {', '.join(presets)}")
@@ -383,6 +407,12 @@ def from_preset(presets: dict[str, Preset], size: str, *, name: str, dir: str | 
     gbs = global_batch_size or preset.global_batch_size
     mbs = micro_batch_size or preset.micro_batch_size
     tok = tokenizer_config(tokenizer or preset.tokenizer)
+    layout = preset.layout.updated(layout)
+    if tokenizer:
+        # A tokenizer chosen at launch sets the vocabulary, padded as
+        # NeMo pads it (nemo/lightning/base.py:get_vocab_size).
+        multiple = model.config.make_vocab_size_divisible_by * layout.tp
+        model.config.vocab_size = -(-vocab_size(tok) // multiple) * multiple
     if data_paths:
         data = indexed_data(data_paths, tok, seq, gbs, mbs, cpu=cpu)
     else:
@@ -392,6 +422,6 @@ def from_preset(presets: dict[str, Preset], size: str, *, name: str, dir: str | 
     if max_steps:
         schedule = Schedule(**{**schedule.__dict__, "max_steps": max_steps})
     return pretrain_recipe(name=name, model=model, data=data,
-                           layout=preset.layout.updated(layout),
+                           layout=layout,
                            cluster=cluster, schedule=schedule, optim=preset.optim,
                            precision=precision, dir=dir, cpu=cpu, extras=extras)

@@ -48,3 +48,10 @@ def _existing(path: str, spec: str) -> str:
     if not path or not Path(path).exists():
         raise FileNotFoundError(f"tokenizer: {spec!r} names no existing file")
     return str(Path(path).resolve())
+
+
+def vocab_size(config: run.Config) -> int:
+    """Tokens of a tokenizer config, as NeMo sizes the model by it."""
+    import fiddle as fdl
+
+    return int(fdl.build(config).vocab_size)
