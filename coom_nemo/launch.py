@@ -5,21 +5,32 @@ run it here or submit it to Slurm.
 prints the resolved recipe, the sbatch script and the summary line.
 Slurm settings come from flags or, like MLPerf's ``config.sh``, from
 the environment (``SLURM_ACCOUNT``, ``SLURM_PARTITION``, ``CONT``,
-``MOUNTS``, ``WALLTIME``). Trailing ``key=value`` arguments override the
-recipe as ``nemo llm pretrain`` does (``trainer.max_steps=10``).
+``MOUNTS``, ``WALLTIME``; ``NNODES``, ``GPUS_PER_NODE`` as in the MLPerf
+reference's config.sh). A factory's own arguments beyond the common ones
+become flags too (``--c4-dir``, ``--target-log-ppl``). Trailing
+``key=value`` arguments override the recipe as ``nemo llm pretrain``
+does (``trainer.max_steps=10``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
+import typing
 from pathlib import Path
 
 CONTAINER = "nvcr.io/nvidia/nemo:26.02"
 
 
-def parse_args(argv, default_size: str) -> argparse.Namespace:
+# Factory arguments the common flags below set (see build()).
+COMMON = ("dir", "name", "size", "num_nodes", "gpus_per_node", "global_batch_size",
+          "micro_batch_size", "seq_length", "max_steps", "precision", "layout", "data_paths",
+          "tokenizer", "cpu")
+
+
+def parse_args(argv, default_size: str, factory=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
@@ -27,8 +38,9 @@ def parse_args(argv, default_size: str) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true",
                    help="CPU mode (gloo, fp32): for hosts without a GPU")
     p.add_argument("--size", default=default_size, help="model size preset")
-    p.add_argument("--nodes", type=int, help="number of nodes (changes DP)")
-    p.add_argument("--gpus-per-node", type=int,
+    p.add_argument("--nodes", type=int, default=_env_int("NNODES"),
+                   help="number of nodes (changes DP)")
+    p.add_argument("--gpus-per-node", type=int, default=_env_int("GPUS_PER_NODE"),
                    help="GPUs per node (CPU mode: gloo processes)")
     p.add_argument("--layout", help="parallel layout, e.g. TP8.PP9.CP2.VP7")
     p.add_argument("--gbs", type=int, help="global batch size")
@@ -50,8 +62,39 @@ def parse_args(argv, default_size: str) -> argparse.Namespace:
     slurm.add_argument("--time", default=os.environ.get("WALLTIME", "04:00:00"))
     slurm.add_argument("--job-dir", default=os.environ.get("COOM_JOB_DIR",
                                                            str(Path.cwd() / "coom_jobs")))
+    if factory is not None:
+        _add_factory_flags(p.add_argument_group("recipe"), factory)
     p.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     return p.parse_args(argv)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def _add_factory_flags(group, factory) -> None:
+    """A flag for each factory argument that COMMON does not cover."""
+    for name, param in inspect.signature(factory).parameters.items():
+        if name in COMMON:
+            continue
+        kind = next((t for t in typing.get_args(param.annotation) if t is not type(None)),
+                    param.annotation)
+        flag = "--" + name.replace("_", "-")
+        # SUPPRESS: an absent flag leaves the factory's own default
+        common = dict(default=argparse.SUPPRESS, help=f"recipe default: {param.default}")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", **common)
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], **common)
+        else:
+            group.add_argument(flag, type=kind, **common)
+
+
+def factory_kwargs(args: argparse.Namespace, factory) -> dict:
+    """Factory arguments given as flags beyond the common ones."""
+    names = [n for n in inspect.signature(factory).parameters if n not in COMMON]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def build(factory, args: argparse.Namespace):
@@ -66,7 +109,7 @@ def build(factory, args: argparse.Namespace):
         gpus_per_node=args.gpus_per_node, global_batch_size=args.gbs,
         micro_batch_size=args.mbs, seq_length=args.seq_length, max_steps=args.max_steps,
         precision=args.precision, layout=args.layout, data_paths=args.data,
-        tokenizer=args.tokenizer, cpu=args.cpu,
+        tokenizer=args.tokenizer, cpu=args.cpu, **factory_kwargs(args, factory),
     )
     if args.overrides:
         parse_cli_args(recipe, args.overrides, recipe)
@@ -125,7 +168,7 @@ def main(factory, default_size: str, argv=None) -> int:
 
     from coom_nemo.plan import PlanError
 
-    args = parse_args(sys.argv[1:] if argv is None else argv, default_size)
+    args = parse_args(sys.argv[1:] if argv is None else argv, default_size, factory)
     try:
         recipe = build(factory, args)
         if args.executor == "local" and not args.dryrun:
