@@ -1,39 +1,94 @@
-"""Llama 3.1 405B pretraining (``coom_llama31_405b``)."""
+"""Llama 3.1 405B pretraining as MLPerf Training's benchmark
+(``coom_llama31_405b``).
+
+Every number below comes from the reference, mlcommons/training
+``large_language_model_pretraining/nemo`` (master, 95f90e85):
+
+- Model: README.md "Model details" (126 layers, hidden 16384, FFN
+  53248, 128 heads, 8 KV heads, RoPE with Llama 3.1 scaling, SwiGLU,
+  RMSNorm, context 8192); NeMo's ``Llama31Config405B`` built in
+  pretrain_llama31.py. The vocabulary is the tokenizer's: Llama 3.1's
+  128256 by default (405.85B parameters), the reference's Mixtral
+  8x22B tokenizer (32768) or any other given with ``tokenizer``.
+- Layout: NeMo 24.12's ``llama31_405b`` recipe that the reference
+  builds on (TP8, PP9, CP4, sequence parallel) with the reference's
+  ``virtual_pipeline_model_parallel_size = 7``; 288 nodes of 8 GPUs
+  (config.sh ``NNODES=288``) give DP 8, i.e. 144 micro-batches of 1
+  per step at GBS 1152 (the RCP file's gradient_accumulation_steps).
+- GBS 1152 and MBS 1: get_parser defaults, config.sh ``GBS``/``MBS``.
+- Optimizer, LR schedule, evaluation, target: :mod:`coom_nemo.mlperf`.
+- Data: C4 split and file layouts, :mod:`coom_nemo.c4`.
+- Start from HF weights: the reference restores a NeMo conversion of
+  the HF 405B checkpoint (utils/nemo_convert.py, ``--resume_from_hf``:
+  ``AutoResume(restore_config=RestoreConfig(path))``, weights only);
+  here ``restore_path`` names the output of
+  ``recipes/llama31_import_hf.py``.
+- Seeds: one seed seeds the model (strategy) and the data order
+  (the reference's per-run ``--seeds``), and is logged at start.
+
+``size="debug"`` is the same recipe and code path, shrunk to a 2-layer
+model with its own small schedule; it trains on a CPU or one GPU.
+"""
 
 # No `from __future__ import annotations`: NeMo-Run reads the
 # factories' annotations as types to parse CLI arguments.
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import nemo_run as run
 from nemo.collections import llm
 
+from coom_nemo import c4
+from coom_nemo.data import InOrderEvalDataset
+from coom_nemo.mlperf import Benchmark
 from coom_nemo.models.llama import llama31_model
-from coom_nemo.recipe import Cluster, Layout, Optim, Preset, Schedule, from_preset
+from coom_nemo.plan import PlanError
+from coom_nemo.recipe import Cluster, Extras, Layout, Preset, from_preset
+
+
+@dataclass(frozen=True)
+class BenchmarkPreset(Preset):
+    """A preset whose optimizer and schedule follow benchmark rules."""
+
+    rules: Benchmark = Benchmark()
+
+
+def _preset(rules: Benchmark, **fields) -> BenchmarkPreset:
+    gbs = fields["global_batch_size"]
+    return BenchmarkPreset(rules=rules, optim=rules.optim(gbs), schedule=rules.schedule(gbs),
+                           **fields)
+
 
 PRESETS = {
-    "405b": Preset(
+    "405b": _preset(
+        Benchmark(),
         model=llama31_model("405b"),
-        # 126 layers = 18 stages x 7 chunks of 1 layer; 288 GPUs a
-        # replica
-        # (the plan check finds PP=9 over 80 GB in bf16), so 72 nodes of
-        # 8
-        # give DP=2 and GBS 1152 = 2 x 576 micro-batches.
-        layout=Layout(tp=8, pp=18, vp=7, cp=2),
-        cluster=Cluster(num_nodes=72, gpus_per_node=8),
+        layout=Layout(tp=8, pp=9, vp=7, cp=4),
+        cluster=Cluster(num_nodes=288, gpus_per_node=8),
         global_batch_size=1152,
         micro_batch_size=1,
-        optim=Optim(lr=8e-5, min_lr=8e-7, warmup_steps=8000),
-        schedule=Schedule(max_steps=1_200_000, val_check_interval=16),
         tokenizer="null:128256",
     ),
-    "debug": Preset(
+    # The reference's 8b debugging size (NeMo's llama3_8b layout, peak
+    # LR 3e-4, 2000 warmup steps) under the same schedule formulas.
+    "8b": _preset(
+        Benchmark(base_lr=3e-4, min_lr=3e-5, warmup_steps=2000),
+        model=llama31_model("8b"),
+        layout=Layout(tp=1, pp=1, cp=2),
+        cluster=Cluster(num_nodes=1, gpus_per_node=8),
+        global_batch_size=1152,
+        micro_batch_size=1,
+        tokenizer="null:128256",
+    ),
+    "debug": _preset(
+        Benchmark(base_gbs=8, base_lr=3e-3, min_lr=3e-5, warmup_steps=5, total_steps=64,
+                  eval_every=64, eval_sequences=16, eval_start=(0, 1), target_log_ppl=None),
         model=llama31_model("debug"),
         layout=Layout(),
         cluster=Cluster(num_nodes=1, gpus_per_node=1),
         global_batch_size=8,
         micro_batch_size=2,
-        optim=Optim(lr=3e-3, warmup_steps=5),
-        schedule=Schedule(max_steps=20, val_check_interval=10, limit_val_batches=2),
         tokenizer="null:1024",
         mock_distinct_samples=32,
     ),
@@ -56,11 +111,71 @@ def pretrain_recipe(
     data_paths: Optional[list[str]] = None,
     tokenizer: Optional[str] = None,
     cpu: bool = False,
+    c4_dir: Optional[str] = None,
+    seed: int = 1234,
+    target_log_ppl: Optional[float] = None,
+    restore_path: Optional[str] = None,
 ) -> run.Partial:
-    """Llama 3.1 405B; ``size="debug"`` is the same recipe, tiny."""
-    return from_preset(
-        PRESETS, size, name=name or f"llama31_{size}", dir=dir, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
-        precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
+    """Llama 3.1 405B, MLPerf's benchmark; ``size="debug"`` is the same
+    recipe, tiny.
+
+    Args:
+        max_steps: Stop after this many steps; the LR schedule keeps the
+            benchmark's length.
+        c4_dir: Directory with the benchmark's C4 indexed files, as
+            data_prep or the reference writes them
+            (:mod:`coom_nemo.c4`); without it (and ``data_paths``) the
+            data is mock tokens.
+        seed: Seeds the weights and the data order; logged at start.
+        target_log_ppl: Stop at this validation log perplexity (default:
+            the benchmark's, 5.6; none for ``debug``).
+        restore_path: NeMo checkpoint to start from, weights only (e.g.
+            HF weights converted by ``recipes/llama31_import_hf.py``).
+    """
+    if size not in PRESETS:
+        raise ValueError(f"size: {size!r} is not one of {', '.join(PRESETS)}")
+    if c4_dir and data_paths:
+        raise ValueError("c4_dir, data_paths: give one of them, not both")
+    preset = PRESETS[size]
+    rules = preset.rules
+    gbs = global_batch_size or preset.global_batch_size
+    target = rules.target_log_ppl if target_log_ppl is None else target_log_ppl
+    preset = replace(preset, optim=rules.optim(gbs), schedule=rules.schedule(gbs, max_steps))
+    restore = str(Path(restore_path).resolve()) if restore_path else None
+    extras = Extras(seed=seed, restore_path=restore, callbacks=rules.callbacks(gbs, seed, target))
+    recipe = from_preset(
+        {size: preset}, size, name=name or f"llama31_{size}", dir=dir, num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node, global_batch_size=gbs, micro_batch_size=micro_batch_size,
+        seq_length=seq_length, precision=precision, layout=layout,
+        data_paths=c4.mlperf_paths(c4_dir) if c4_dir else data_paths, tokenizer=tokenizer,
+        cpu=cpu, extras=extras,
     )
+    if restore_path:
+        check_checkpoint_shape(restore_path, recipe.model.config)
+    if c4_dir:
+        recipe.data.dataset_cls = InOrderEvalDataset
+    if c4_dir or data_paths:
+        recipe.data.seed = seed
+    return recipe
+
+
+SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+         "num_query_groups", "vocab_size")
+
+
+def check_checkpoint_shape(path: str, config) -> None:
+    """A NeMo checkpoint whose weights fit ``config``, checked before
+    anything starts (its ``context/model.yaml`` holds its config)."""
+    import yaml
+
+    context = Path(path, "context", "model.yaml")
+    if not (context.is_file() and Path(path, "weights").is_dir()):
+        raise FileNotFoundError(
+            f"restore_path: {path} is not a NeMo checkpoint (no weights/ and "
+            "context/model.yaml); convert HF weights with recipes/llama31_import_hf.py first")
+    saved = yaml.safe_load(context.read_text())["config"]
+    for field in SHAPE:
+        if saved.get(field) != getattr(config, field):
+            raise PlanError("restore_path", f"{path} holds {field}={saved.get(field)}, the "
+                            f"recipe builds {getattr(config, field)}",
+                            "choose the size and tokenizer the checkpoint was made with")
