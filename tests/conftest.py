@@ -17,9 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+# Set in this process by the in-process training tests (Lightning picks
+# a port once); a subprocess that inherits them binds a port in use.
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                    "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
 def run_process(args, cwd, timeout=600, env=None):
     """Run a command; return (returncode, stdout+stderr)."""
-    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
+    merged = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=merged)
     return done.returncode, done.stdout + done.stderr
