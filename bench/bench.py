@@ -142,7 +142,8 @@ def coom_recipe(name: str, v: Variant, steps: int, workdir: str):
 
     from coom_nemo.recipe import from_preset
 
-    recipe = from_preset({"proxy": proxy_preset(v.family)}, "proxy", name=name, dir=workdir,
+    recipe = from_preset({"proxy": proxy_preset(v.family)}, "proxy", family=v.family,
+                         name=name, dir=workdir,
                          global_batch_size=GBS, micro_batch_size=v.mbs, seq_length=SEQ,
                          max_steps=steps, precision=v.precision)
     for key, value in v.config.items():

@@ -21,13 +21,13 @@ import sys
 import typing
 from pathlib import Path
 
+from coom_nemo.factory import LAUNCH_ARGUMENTS
+
 CONTAINER = "nvcr.io/nvidia/nemo:26.02"
 
 
 # Factory arguments the common flags below set (see build()).
-COMMON = ("dir", "name", "size", "num_nodes", "gpus_per_node", "global_batch_size",
-          "micro_batch_size", "seq_length", "max_steps", "precision", "layout", "data_paths",
-          "tokenizer", "cpu")
+COMMON = tuple(LAUNCH_ARGUMENTS)  # have flags of their own below
 
 
 def parse_args(argv, default_size: str, factory=None) -> argparse.Namespace:

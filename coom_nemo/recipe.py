@@ -371,20 +371,21 @@ class Preset:
     mock_distinct_samples: int | None = None  # few -> mock loss can fall
 
 
-def from_preset(presets: dict[str, Preset], size: str, *, name: str, dir: str | None = None,
+def from_preset(presets: dict[str, Preset], size: str, *, family: str,
+                name: str | None = None, dir: str | None = None,
                 num_nodes: int | None = None, gpus_per_node: int | None = None,
                 global_batch_size: int | None = None, micro_batch_size: int | None = None,
                 seq_length: int | None = None, max_steps: int | None = None,
                 precision: str = "bf16", data_paths=None, tokenizer: str | None = None,
                 layout: str | None = None, cpu: bool = False,
                 extras: Extras | None = None) -> run.Partial:
-    """A recipe from a preset and the usual launch overrides.
+    """A recipe from a preset and the launch arguments
+    (:mod:`coom_nemo.factory`).
 
     ``num_nodes`` changes data parallelism only: the layout stays unless
     ``layout`` (e.g. ``"TP2.PP2"``) changes it. ``data_paths`` None
-    means
-    mock data. A ``tokenizer`` given here also sets the model's
-    vocabulary size.
+    means mock data. A ``tokenizer`` given here also sets the model's
+    vocabulary size. The run is named ``<family>_<size>`` by default.
     """
     import copy
 
@@ -421,7 +422,6 @@ def from_preset(presets: dict[str, Preset], size: str, *, name: str, dir: str | 
     schedule = preset.schedule
     if max_steps:
         schedule = Schedule(**{**schedule.__dict__, "max_steps": max_steps})
-    return pretrain_recipe(name=name, model=model, data=data,
-                           layout=layout,
-                           cluster=cluster, schedule=schedule, optim=preset.optim,
+    return pretrain_recipe(name=name or f"{family}_{size}", model=model, data=data,
+                           layout=layout, cluster=cluster, schedule=schedule, optim=preset.optim,
                            precision=precision, dir=dir, cpu=cpu, extras=extras)

@@ -8,6 +8,7 @@ from typing import Optional
 import nemo_run as run
 from nemo.collections import llm
 
+from coom_nemo.factory import launch_arguments
 from coom_nemo.models.deepseek import deepseek_model
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.plan import PlanError
@@ -78,27 +79,6 @@ def moe_overrides(mtp_layers=None, mtp_loss_weight=None, expert_bias_rate=None,
     return fields
 
 
-def _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size, micro_batch_size,
-            seq_length, max_steps, precision, layout, data_paths, tokenizer, cpu, moe,
-            restore_path):
-    presets = PRESETS
-    if moe and size in PRESETS:
-        model = deepseek_model(size, **moe)
-        presets = {**PRESETS, size: dataclasses.replace(PRESETS[size], model=model)}
-    extras = Extras(callbacks=[run.Config(ExpertLoadMetrics)], restore_path=restore_path)
-    recipe = from_preset(
-        presets, size, name=name or f"deepseek_{size}", dir=dir, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
-        precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
-        extras=extras,
-    )
-    if restore_path and recipe.model.config.mtp_num_layers:
-        check_has_mtp_weights(restore_path)
-    print_kv_cache_report(recipe)
-    return recipe
-
-
 def check_has_mtp_weights(path: str) -> None:
     """Refuse to restore MTP layers from a checkpoint without them
     (megatron-core would fail deep inside the load)."""
@@ -126,30 +106,12 @@ def print_kv_cache_report(recipe) -> None:
         print(kv_cache_report(fdl.build(recipe.model.config)), flush=True)
 
 
-@run.cli.factory(target=llm.pretrain, name="coom_deepseek")
-def pretrain_recipe(
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    size: str = "16b",
-    num_nodes: Optional[int] = None,
-    gpus_per_node: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    data_paths: Optional[list[str]] = None,
-    tokenizer: Optional[str] = None,
-    cpu: bool = False,
-    mtp_layers: Optional[int] = None,
-    mtp_loss_weight: Optional[float] = None,
-    expert_bias_rate: Optional[float] = None,
-    aux_loss_coeff: Optional[float] = None,
-    capacity_factor: Optional[float] = None,
-    restore_path: Optional[str] = None,
-) -> run.Partial:
-    """DeepSeek-style MoE, ~16B total / ~2.5B active by default.
+def _recipe(mtp_layers: Optional[int] = None, mtp_loss_weight: Optional[float] = None,
+            expert_bias_rate: Optional[float] = None, aux_loss_coeff: Optional[float] = None,
+            capacity_factor: Optional[float] = None, restore_path: Optional[str] = None,
+            **launch) -> run.Partial:
+    """DeepSeek-style MoE: ``coom_deepseek`` is ~16B total / ~2.5B
+    active by default, ``coom_deepseek_v3`` the 671B V3 size.
 
     MoE/MTP arguments (None keeps the size's default): ``mtp_layers``
     (MTP depth, 0 = off), ``mtp_loss_weight``, ``expert_bias_rate``
@@ -162,32 +124,20 @@ def pretrain_recipe(
     """
     moe = moe_overrides(mtp_layers, mtp_loss_weight, expert_bias_rate, aux_loss_coeff,
                         capacity_factor)
-    return _recipe(size, name, dir, num_nodes, gpus_per_node, global_batch_size,
-                   micro_batch_size, seq_length, max_steps, precision, layout, data_paths,
-                   tokenizer, cpu, moe, restore_path)
+    size = launch["size"]
+    presets = PRESETS
+    if moe and size in PRESETS:
+        model = deepseek_model(size, **moe)
+        presets = {**PRESETS, size: dataclasses.replace(PRESETS[size], model=model)}
+    extras = Extras(callbacks=[run.Config(ExpertLoadMetrics)], restore_path=restore_path)
+    recipe = from_preset(presets, family="deepseek", extras=extras, **launch)
+    if restore_path and recipe.model.config.mtp_num_layers:
+        check_has_mtp_weights(restore_path)
+    print_kv_cache_report(recipe)
+    return recipe
 
 
-@run.cli.factory(target=llm.pretrain, name="coom_deepseek_v3")
-def pretrain_recipe_v3(
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    num_nodes: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    data_paths: Optional[list[str]] = None,
-    tokenizer: Optional[str] = None,
-    mtp_layers: Optional[int] = None,
-    mtp_loss_weight: Optional[float] = None,
-    expert_bias_rate: Optional[float] = None,
-    aux_loss_coeff: Optional[float] = None,
-    capacity_factor: Optional[float] = None,
-    restore_path: Optional[str] = None,
-) -> run.Partial:
-    """The 671B DeepSeek-V3 size of ``coom_deepseek`` (same
-    arguments)."""
-    moe = moe_overrides(mtp_layers, mtp_loss_weight, expert_bias_rate, aux_loss_coeff,
-                        capacity_factor)
-    return _recipe("v3", name, dir, num_nodes, None, global_batch_size, None, None, max_steps,
-                   precision, layout, data_paths, tokenizer, False, moe, restore_path)
+pretrain_recipe = run.cli.factory(target=llm.pretrain, name="coom_deepseek")(
+    launch_arguments(size="16b")(_recipe))
+pretrain_recipe_v3 = run.cli.factory(target=llm.pretrain, name="coom_deepseek_v3")(
+    launch_arguments(size="v3")(_recipe))

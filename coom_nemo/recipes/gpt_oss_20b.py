@@ -17,6 +17,7 @@ import nemo_run as run
 from nemo.collections import llm
 
 from coom_nemo.data import sft_data
+from coom_nemo.factory import launch_arguments
 from coom_nemo.models.gpt_oss import gpt_oss_model
 from coom_nemo.peft import LoRA
 from coom_nemo.recipe import (
@@ -77,61 +78,18 @@ FINETUNE_SCHEDULE = {"20b": Schedule(max_steps=1000, val_check_interval=50),
                      "debug": Schedule(max_steps=10, val_check_interval=5, limit_val_batches=1)}
 
 
-def _pretrain(presets, size, name, dir, num_nodes, gpus_per_node, global_batch_size,
-              micro_batch_size, seq_length, max_steps, precision, layout, data_paths, tokenizer,
-              cpu):
-    return from_preset(
-        presets, size, name=name, dir=dir, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
-        micro_batch_size=micro_batch_size, seq_length=seq_length, max_steps=max_steps,
-        precision=precision, layout=layout, data_paths=data_paths, tokenizer=tokenizer, cpu=cpu,
-    )
-
-
 @run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b")
-def pretrain_recipe(
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    size: str = "20b",
-    num_nodes: Optional[int] = None,
-    gpus_per_node: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    data_paths: Optional[list[str]] = None,
-    tokenizer: Optional[str] = None,
-    cpu: bool = False,
-) -> run.Partial:
+@launch_arguments(size="20b")
+def pretrain_recipe(**launch) -> run.Partial:
     """GPT-OSS 20B; ``size="debug"`` is the same recipe, tiny."""
-    return _pretrain(PRESETS, size, name or f"gpt_oss_{size}", dir, num_nodes, gpus_per_node,
-                     global_batch_size, micro_batch_size, seq_length, max_steps, precision,
-                     layout, data_paths, tokenizer, cpu)
+    return from_preset(PRESETS, family="gpt_oss", **launch)
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b_gated")
-def pretrain_recipe_gated(
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    size: str = "20b",
-    num_nodes: Optional[int] = None,
-    gpus_per_node: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    data_paths: Optional[list[str]] = None,
-    tokenizer: Optional[str] = None,
-    cpu: bool = False,
-) -> run.Partial:
+@launch_arguments(size="20b")
+def pretrain_recipe_gated(**launch) -> run.Partial:
     """``coom_gpt_oss_20b`` with gated attention (Qiu et al., 2025)."""
-    return _pretrain(GATED_PRESETS, size, name or f"gpt_oss_gated_{size}", dir, num_nodes,
-                     gpus_per_node, global_batch_size, micro_batch_size, seq_length, max_steps,
-                     precision, layout, data_paths, tokenizer, cpu)
+    return from_preset(GATED_PRESETS, family="gpt_oss_gated", **launch)
 
 
 def checkpoint_model(path) -> run.Config:
@@ -178,47 +136,21 @@ def _finetune(method, restore_path, data_dir, size, name, dir, num_nodes, gpus_p
     )
 
 
+# Fine-tuning data is a directory of JSONL files, not indexed prefixes.
+_FINETUNE_ARGUMENTS = launch_arguments(size="20b", exclude=("data_paths", "tokenizer"))
+
+
 @run.cli.factory(target=llm.finetune, name="coom_gpt_oss_20b_lora")
-def lora_recipe(
-    restore_path: Optional[str] = None,
-    data_dir: Optional[str] = None,
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    size: str = "20b",
-    num_nodes: Optional[int] = None,
-    gpus_per_node: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    cpu: bool = False,
-) -> run.Partial:
+@_FINETUNE_ARGUMENTS
+def lora_recipe(restore_path: Optional[str] = None, data_dir: Optional[str] = None,
+                **launch) -> run.Partial:
     """LoRA on the attention projections of an imported GPT-OSS."""
-    return _finetune("lora", restore_path, data_dir, size, name, dir, num_nodes, gpus_per_node,
-                     global_batch_size, micro_batch_size, seq_length, max_steps, precision,
-                     layout, cpu)
+    return _finetune("lora", restore_path, data_dir, **launch)
 
 
 @run.cli.factory(target=llm.finetune, name="coom_gpt_oss_20b_sft")
-def sft_recipe(
-    restore_path: Optional[str] = None,
-    data_dir: Optional[str] = None,
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    size: str = "20b",
-    num_nodes: Optional[int] = None,
-    gpus_per_node: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    cpu: bool = False,
-) -> run.Partial:
+@_FINETUNE_ARGUMENTS
+def sft_recipe(restore_path: Optional[str] = None, data_dir: Optional[str] = None,
+               **launch) -> run.Partial:
     """Full supervised fine-tuning of an imported GPT-OSS."""
-    return _finetune("sft", restore_path, data_dir, size, name, dir, num_nodes, gpus_per_node,
-                     global_batch_size, micro_batch_size, seq_length, max_steps, precision,
-                     layout, cpu)
+    return _finetune("sft", restore_path, data_dir, **launch)

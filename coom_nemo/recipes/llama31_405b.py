@@ -41,6 +41,7 @@ from nemo.collections import llm
 
 from coom_nemo import c4
 from coom_nemo.data import InOrderEvalDataset
+from coom_nemo.factory import launch_arguments
 from coom_nemo.mlperf import Benchmark
 from coom_nemo.models.llama import llama31_model
 from coom_nemo.plan import PlanError
@@ -96,32 +97,15 @@ PRESETS = {
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_llama31_405b")
-def pretrain_recipe(
-    dir: Optional[str] = None,
-    name: Optional[str] = None,
-    size: str = "405b",
-    num_nodes: Optional[int] = None,
-    gpus_per_node: Optional[int] = None,
-    global_batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_length: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    precision: str = "bf16",
-    layout: Optional[str] = None,
-    data_paths: Optional[list[str]] = None,
-    tokenizer: Optional[str] = None,
-    cpu: bool = False,
-    c4_dir: Optional[str] = None,
-    seed: int = 1234,
-    target_log_ppl: Optional[float] = None,
-    restore_path: Optional[str] = None,
-) -> run.Partial:
+@launch_arguments(size="405b")
+def pretrain_recipe(c4_dir: Optional[str] = None, seed: int = 1234,
+                    target_log_ppl: Optional[float] = None, restore_path: Optional[str] = None,
+                    **launch) -> run.Partial:
     """Llama 3.1 405B, MLPerf's benchmark; ``size="debug"`` is the same
-    recipe, tiny.
+    recipe, tiny. ``max_steps`` stops early; the LR schedule keeps the
+    benchmark's length.
 
     Args:
-        max_steps: Stop after this many steps; the LR schedule keeps the
-            benchmark's length.
         c4_dir: Directory with the benchmark's C4 indexed files, as
             data_prep or the reference writes them
             (:mod:`coom_nemo.c4`); without it (and ``data_paths``) the
@@ -132,29 +116,28 @@ def pretrain_recipe(
         restore_path: NeMo checkpoint to start from, weights only (e.g.
             HF weights converted by ``recipes/llama31_import_hf.py``).
     """
+    size = launch["size"]
     if size not in PRESETS:
         raise ValueError(f"size: {size!r} is not one of {', '.join(PRESETS)}")
-    if c4_dir and data_paths:
+    if c4_dir and launch["data_paths"]:
         raise ValueError("c4_dir, data_paths: give one of them, not both")
     preset = PRESETS[size]
     rules = preset.rules
-    gbs = global_batch_size or preset.global_batch_size
+    gbs = launch["global_batch_size"] or preset.global_batch_size
     target = rules.target_log_ppl if target_log_ppl is None else target_log_ppl
-    preset = replace(preset, optim=rules.optim(gbs), schedule=rules.schedule(gbs, max_steps))
+    preset = replace(preset, optim=rules.optim(gbs),
+                     schedule=rules.schedule(gbs, launch["max_steps"]))
     restore = str(Path(restore_path).resolve()) if restore_path else None
     extras = Extras(seed=seed, restore_path=restore, callbacks=rules.callbacks(gbs, seed, target))
-    recipe = from_preset(
-        {size: preset}, size, name=name or f"llama31_{size}", dir=dir, num_nodes=num_nodes,
-        gpus_per_node=gpus_per_node, global_batch_size=gbs, micro_batch_size=micro_batch_size,
-        seq_length=seq_length, precision=precision, layout=layout,
-        data_paths=c4.mlperf_paths(c4_dir) if c4_dir else data_paths, tokenizer=tokenizer,
-        cpu=cpu, extras=extras,
-    )
+    if c4_dir:
+        launch["data_paths"] = c4.mlperf_paths(c4_dir)
+    recipe = from_preset({size: preset}, family="llama31", extras=extras,
+                         **{**launch, "global_batch_size": gbs})
     if restore_path:
         check_checkpoint_shape(restore_path, recipe.model.config)
     if c4_dir:
         recipe.data.dataset_cls = InOrderEvalDataset
-    if c4_dir or data_paths:
+    if launch["data_paths"]:
         recipe.data.seed = seed
     return recipe
 
