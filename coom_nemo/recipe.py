@@ -371,6 +371,17 @@ class Preset:
     mock_distinct_samples: int | None = None  # few -> mock loss can fall
 
 
+def debug_preset(model: run.Config, **changes) -> Preset:
+    """A family's tiny size: the same code path, seconds on a CPU; its
+    mock data repeats every 32 samples so the loss can fall."""
+    defaults = dict(layout=Layout(), cluster=Cluster(num_nodes=1, gpus_per_node=1),
+                    global_batch_size=8, micro_batch_size=2,
+                    optim=Optim(lr=3e-3, warmup_steps=5),
+                    schedule=Schedule(max_steps=20, val_check_interval=10, limit_val_batches=2),
+                    tokenizer="null:1024", mock_distinct_samples=32)
+    return Preset(model=model, **{**defaults, **changes})
+
+
 def from_preset(presets: dict[str, Preset], size: str, *, family: str,
                 name: str | None = None, dir: str | None = None,
                 num_nodes: int | None = None, gpus_per_node: int | None = None,

@@ -12,7 +12,16 @@ from coom_nemo.factory import launch_arguments
 from coom_nemo.models.deepseek import deepseek_model
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.plan import PlanError
-from coom_nemo.recipe import Cluster, Extras, Layout, Optim, Preset, Schedule, from_preset
+from coom_nemo.recipe import (
+    Cluster,
+    Extras,
+    Layout,
+    Optim,
+    Preset,
+    Schedule,
+    debug_preset,
+    from_preset,
+)
 
 PRESETS = {
     "16b": Preset(
@@ -37,17 +46,7 @@ PRESETS = {
         schedule=Schedule(max_steps=100_000, val_check_interval=500),
         tokenizer="null:129280",
     ),
-    "debug": Preset(
-        model=deepseek_model("debug"),
-        layout=Layout(),
-        cluster=Cluster(num_nodes=1, gpus_per_node=1),
-        global_batch_size=8,
-        micro_batch_size=2,
-        optim=Optim(lr=3e-3, warmup_steps=5),
-        schedule=Schedule(max_steps=20, val_check_interval=10, limit_val_batches=2),
-        tokenizer="null:1024",
-        mock_distinct_samples=32,
-    ),
+    "debug": debug_preset(deepseek_model("debug")),
 }
 
 

@@ -26,6 +26,7 @@ from coom_nemo.recipe import (
     Optim,
     Preset,
     Schedule,
+    debug_preset,
     finetune_recipe,
     from_preset,
 )
@@ -41,17 +42,7 @@ PRESETS = {
         schedule=Schedule(max_steps=100_000, val_check_interval=500),
         tokenizer="null:201088",
     ),
-    "debug": Preset(
-        model=gpt_oss_model("debug"),
-        layout=Layout(etp=1),
-        cluster=Cluster(num_nodes=1, gpus_per_node=1),
-        global_batch_size=8,
-        micro_batch_size=2,
-        optim=Optim(lr=3e-3, warmup_steps=5),
-        schedule=Schedule(max_steps=20, val_check_interval=10, limit_val_batches=2),
-        tokenizer="null:1024",
-        mock_distinct_samples=32,
-    ),
+    "debug": debug_preset(gpt_oss_model("debug"), layout=Layout(etp=1)),
 }
 
 GATED_PRESETS = {size: dataclasses.replace(preset, model=gpt_oss_model(size, attention_gate=True))
