@@ -51,6 +51,8 @@ def test_llama_dp2_tp2_pp2_match_single_process(run_cmd, tmp_path):
     assert falls(reference), reference
     for layout, (rank0, rank1) in curves.items():
         assert rank0 == pytest.approx(reference, rel=1e-5), layout
+        if layout != "PP2":
+            assert rank1 == pytest.approx(rank0, rel=1e-6), layout
         if layout != "PP2":  # the first pipeline stage does not see the loss
             assert rank1 == pytest.approx(rank0, rel=1e-6), layout
 
@@ -59,3 +61,15 @@ def test_interleaving_with_two_pipeline_stages_is_refused():
     with pytest.raises(PlanError, match="VP needs PP > 2"):
         FACTORIES["coom_llama31_405b"](size="debug", cpu=True, gpus_per_node=2,
                                        layout="PP2.VP2")
+
+
+@pytest.mark.multiproc
+def test_deepseek_dp2_ep2_pp2_match_single_process(run_cmd, tmp_path):
+    """MLA + MoE (sigmoid routing, expert bias, aux loss) + MTP."""
+    reference, curves = reference_then_layouts(run_cmd, tmp_path, "coom_deepseek", 2,
+                                               ["TP1", "TP1.EP2", "PP2"])
+    assert falls(reference), reference
+    for layout, (rank0, rank1) in curves.items():
+        assert rank0 == pytest.approx(reference, rel=1e-5), layout
+        if layout != "PP2":
+            assert rank1 == pytest.approx(rank0, rel=1e-6), layout
