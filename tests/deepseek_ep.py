@@ -25,39 +25,24 @@ VOCAB = 64
 
 
 def main(out, *runs):
-    import os
-
-    import fiddle as fdl
-    import nemo_run as run
-    from helpers import LossRecorder
+    from helpers import comparable, one_process_group_each, train
 
     from coom_nemo.moe_metrics import ExpertLoadMetrics
     from coom_nemo.recipes.deepseek import pretrain_recipe
 
-    # Each run starts a new process group; a fresh store per group
-    # (not torchrun's agent store, which keeps the last group's keys).
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-    first_port = int(os.environ["MASTER_PORT"]) + 1
-    for index, spec in enumerate(runs):
+    for spec in one_process_group_each(runs):
         layout, rate, steps = spec.split(":")
         name = f"{layout}_rate{rate}"
-        os.environ["MASTER_PORT"] = str(first_port + index)
         recipe = pretrain_recipe(size="debug", cpu=True, dir=f"{out}/{name}",
                                  gpus_per_node=2, layout=layout, max_steps=int(steps),
                                  tokenizer=f"null:{VOCAB}", expert_bias_rate=float(rate))
         recipe.model.config.vocab_size = VOCAB
-        recipe.log.ckpt = None
-        recipe.trainer.enable_checkpointing = False
+        comparable(recipe)  # no checkpoints
         recipe.trainer.val_check_interval = int(steps)  # validate once, at the end
-        recipe.trainer.callbacks.append(run.Config(LossRecorder))
-        fn = fdl.build(recipe)
-        trainer = fn.keywords["trainer"]
-        fn()
-        recorder = next(c for c in trainer.callbacks if isinstance(c, LossRecorder))
+        recorder, trainer = train(recipe)
         metrics = next(c for c in trainer.callbacks if isinstance(c, ExpertLoadMetrics))
         Path(out, f"{name}.rank{trainer.global_rank}.json").write_text(
             json.dumps({"losses": recorder.losses, "metrics": list(metrics.history)}))
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

@@ -1,5 +1,7 @@
 """Helpers for training tiny recipes inside the test process."""
 
+import os
+
 import fiddle as fdl
 import lightning.pytorch as pl
 import nemo_run as run
@@ -31,6 +33,17 @@ def train(recipe: run.Partial):
     recorder = next(cb for cb in trainer.callbacks if isinstance(cb, LossRecorder))
     fn()
     return recorder, trainer
+
+
+def one_process_group_each(items):
+    """Yield ``items`` for runs in one torchrun job that each start a
+    process group: each gets a fresh store on a port of its own
+    (torchrun's agent store would keep the last group's keys)."""
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    first_port = int(os.environ["MASTER_PORT"]) + 1
+    for index, item in enumerate(items):
+        os.environ["MASTER_PORT"] = str(first_port + index)
+        yield item
 
 
 def falls(losses, margin=0.05):

@@ -14,20 +14,11 @@ from pathlib import Path
 
 
 def main(factory, out, init_weights, steps, num_layers, *layouts):
-    import os
-
-    import fiddle as fdl
-    import nemo_run as run
-    from helpers import LossRecorder, comparable
+    from helpers import comparable, one_process_group_each, train
 
     from coom_nemo.recipes import FACTORIES
 
-    # Each layout starts a new process group; a fresh store per group
-    # (not torchrun's agent store, which keeps the last group's keys).
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
-    first_port = int(os.environ["MASTER_PORT"]) + 1
-    for index, layout in enumerate(layouts):
-        os.environ["MASTER_PORT"] = str(first_port + index)
+    for layout in one_process_group_each(layouts):
         # VP is set after the model is made deeper: the debug size has
         # too few layers for it at the factory's plan check.
         base, _, vp = layout.partition(".VP")
@@ -36,14 +27,9 @@ def main(factory, out, init_weights, steps, num_layers, *layouts):
         comparable(recipe, int(num_layers), start_from=init_weights)
         if vp:
             recipe.trainer.strategy.virtual_pipeline_model_parallel_size = int(vp)
-        recipe.trainer.callbacks.append(run.Config(LossRecorder))
-        fn = fdl.build(recipe)
-        recorder = next(c for c in fn.keywords["trainer"].callbacks
-                        if isinstance(c, LossRecorder))
-        fn()
-        rank = fn.keywords["trainer"].global_rank
-        Path(out, f"{layout}.rank{rank}.json").write_text(json.dumps(recorder.losses))
-
+        recorder, trainer = train(recipe)
+        Path(out, f"{layout}.rank{trainer.global_rank}.json").write_text(
+            json.dumps(recorder.losses))
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
