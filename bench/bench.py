@@ -98,28 +98,6 @@ PAIRS = [
 # ---------------------------------------------------------------- child
 
 
-def hide_transformer_engine() -> None:
-    """Make this process look like a node without TE."""
-    import importlib.abc
-    import importlib.metadata
-
-    class Blocker(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("transformer_engine", "transformer_engine_torch"):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by bench)")
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-    real_version = importlib.metadata.version
-
-    def version(name):
-        if name.replace("_", "-").startswith("transformer-engine"):
-            raise importlib.metadata.PackageNotFoundError(name)
-        return real_version(name)
-
-    importlib.metadata.version = version
-
-
 def proxy_preset(family: str):
     from dataclasses import replace
 
@@ -285,8 +263,6 @@ def add_nan_hooks(module, limit: int = 8) -> None:
 
 def child(name: str, steps: int, warmup: int, workdir: str) -> dict:
     v = VARIANTS[name]
-    if not v.te:
-        hide_transformer_engine()
     import fiddle as fdl
     import torch
     from nemo import lightning as nl
@@ -351,12 +327,17 @@ def matmul_ceiling() -> dict:
 
 def child_env(name: str, extra=None) -> dict:
     """Every run loads only PyTorch's cuDNN (``coom_nemo._one_cudnn``),
-    stock ones too, unless the variant says otherwise."""
+    stock ones too, unless the variant says otherwise; a TE-free
+    variant sees no TransformerEngine (tests/no_te)."""
     from coom_nemo import torch_cudnn_dir
 
-    env = {**os.environ, "CUDNN_PATH": torch_cudnn_dir() or "",
+    variant = VARIANTS.get(name, Variant("", ""))
+    path = os.environ.get("PYTHONPATH", "")
+    if not variant.te:
+        path = os.pathsep.join(filter(None, [str(HERE.parent / "tests" / "no_te"), path]))
+    env = {**os.environ, "CUDNN_PATH": torch_cudnn_dir() or "", "PYTHONPATH": path,
            "NVTE_DEBUG": "1", "NVTE_DEBUG_LEVEL": "1",  # log TE's attention backend
-           **VARIANTS.get(name, Variant("", "")).env, **(extra or {})}
+           **variant.env, **(extra or {})}
     return {k: v for k, v in env.items() if v is not None}
 
 

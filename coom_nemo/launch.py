@@ -181,6 +181,26 @@ def main(factory, default_size: str, argv=None) -> int:
     name = recipe.log.name
     if args.dryrun:
         print(recipe)
-    run.run(recipe, executor=executor, name=name, dryrun=args.dryrun,
-            direct=executor is None)
+    if executor is None or args.dryrun:
+        run.run(recipe, executor=executor, name=name, dryrun=args.dryrun,
+                direct=executor is None)
+        return 0
+    return launch(recipe, executor, name, wait=args.executor == "local")
+
+
+def launch(recipe, executor, name: str, wait: bool) -> int:
+    """Run ``recipe`` through a NeMo-Run experiment. A local job is
+    waited for, and its end state becomes the exit status: ``run.run``
+    returns nothing, so a failed torchrun job would exit 0."""
+    import nemo_run as run
+    from torchx.specs import AppState
+
+    with run.Experiment(name, executor=executor) as exp:
+        exp.add(recipe, name=name, tail_logs=wait)
+        exp.run(detach=not wait)
+        state = exp.jobs[0].state
+    if wait and state != AppState.SUCCEEDED:
+        print(f"error: the {name} job ended {state.name}: see the errors above and the "
+              f"job's logs under {executor.job_dir}", file=sys.stderr)
+        return 1
     return 0

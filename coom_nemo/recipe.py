@@ -25,6 +25,7 @@ from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
 from coom_nemo.callbacks import StepMetrics
 from coom_nemo.energy import EnergyMetrics
+from coom_nemo.faults import EndJobOnError
 from coom_nemo.plan import Plan, PlanError, PlanOptions
 from coom_nemo.strategy import CoomMegatronStrategy
 from coom_nemo.trainer import Trainer
@@ -280,7 +281,7 @@ def trainer_config(*, layout: Layout, cluster: Cluster, precision: str, schedule
         plugins=PRECISIONS[precision](),
         strategy=strategy_config(layout, precision=precision, cpu=cpu, seed=seed),
         callbacks=[run.Config(StepMetrics, every_n_steps=schedule.log_every_n_steps),
-                   *callbacks],
+                   run.Config(EndJobOnError), *callbacks],
     )
 
 
@@ -410,7 +411,10 @@ def from_preset(presets: dict[str, Preset], size: str, *, family: str,
     cluster = Cluster(
         num_nodes=num_nodes or preset.cluster.num_nodes,
         gpus_per_node=gpus_per_node or preset.cluster.gpus_per_node,
-        gpu_memory_gb=preset.cluster.gpu_memory_gb,
+        # built on a GPU host (a local launch): plan for the GPUs it
+        # has (0 reads them), e.g. an H200's 141 GB, not the preset's
+        gpu_memory_gb=0 if not cpu and torch.cuda.is_available()
+        else preset.cluster.gpu_memory_gb,
     )
     model = copy.deepcopy(preset.model)
     if seq_length:

@@ -62,7 +62,7 @@ class CoomMegatronStrategy(nl.MegatronStrategy):
             super().teardown()
         finally:
             if self.cpu:
-                _release_global_state()
+                release_global_state()
                 cpu_mode.deactivate()
 
 
@@ -81,8 +81,8 @@ def has_fused_adam() -> bool:
     return False
 
 
-def _release_global_state() -> None:
-    """Let the next in-process CPU run (tests run several, with other
+def release_global_state() -> None:
+    """Let the next in-process run (tests run several, with other
     layouts) start from a clean slate."""
     import torch.distributed as dist
     from megatron.core import parallel_state

@@ -26,12 +26,21 @@ class LossRecorder(pl.Callback):
 
 
 def train(recipe: run.Partial):
-    """Build and run a recipe here; return (recorder, built trainer)."""
+    """Build and run a recipe here; return (recorder, built trainer).
+
+    The process can train another recipe afterwards: CPU mode releases
+    megatron-core's and torch.distributed's global state at teardown,
+    and this does the same after a GPU run."""
+    from coom_nemo.strategy import release_global_state
+
     recipe.trainer.callbacks.append(run.Config(LossRecorder))
     fn = fdl.build(recipe)
     trainer = fn.keywords["trainer"]
     recorder = next(cb for cb in trainer.callbacks if isinstance(cb, LossRecorder))
-    fn()
+    try:
+        fn()
+    finally:
+        release_global_state()
     return recorder, trainer
 
 

@@ -24,8 +24,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _causal_mask():
-    return torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1).view(1, 1, SEQ, SEQ)
+def _causal_mask(device="cpu"):
+    return torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool, device=device), 1).view(
+        1, 1, SEQ, SEQ)
 
 
 def _config(tp, mla=False):
@@ -71,22 +72,25 @@ def _gather(local, world, dim):
     return torch.cat(parts, dim=dim)
 
 
-def _check_standard(rank, world):
-    torch.manual_seed(0)  # same full weights and inputs on every rank
-    w_qkv = torch.randn(GROUPS * (HEADS // GROUPS + 2) * HEAD_DIM, HIDDEN) * 0.2
-    w_gate = torch.randn(HEADS * HEAD_DIM, HIDDEN) * 0.5
-    w_proj = torch.randn(HIDDEN, HEADS * HEAD_DIM) * 0.2
-    x = torch.randn(SEQ, BATCH, HIDDEN)
-    dy = torch.randn(SEQ, BATCH, HIDDEN)
+def _random(*shapes, scale, device):
+    return [torch.randn(*shape).to(device) * s for shape, s in zip(shapes, scale, strict=True)]
 
-    attn = _build(_config(world))
+
+def _check_standard(rank, world, device, tol):
+    torch.manual_seed(0)  # same full weights and inputs on every rank
+    w_qkv, w_gate, w_proj, x, dy = _random(
+        (GROUPS * (HEADS // GROUPS + 2) * HEAD_DIM, HIDDEN), (HEADS * HEAD_DIM, HIDDEN),
+        (HIDDEN, HEADS * HEAD_DIM), (SEQ, BATCH, HIDDEN), (SEQ, BATCH, HIDDEN),
+        scale=(0.2, 0.5, 0.2, 1, 1), device=device)
+
+    attn = _build(_config(world)).to(device)
     assert type(attn).__name__ == "GatedSelfAttention"
     with torch.no_grad():
         attn.linear_qkv.weight.copy_(_shard(w_qkv, rank, world, 0))
         attn.linear_gate.weight.copy_(_shard(w_gate, rank, world, 0))
         attn.linear_proj.weight.copy_(_shard(w_proj, rank, world, 1))
     x_mod = x.clone().requires_grad_()
-    out, _ = attn(x_mod, attention_mask=_causal_mask())
+    out, _ = attn(x_mod, attention_mask=_causal_mask(device))
     (out * dy).sum().backward()
 
     # plain PyTorch, full weights
@@ -99,22 +103,22 @@ def _check_standard(rank, world):
     k = k.repeat_interleave(per_group, dim=2)
     v = v.repeat_interleave(per_group, dim=2)
     scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(HEAD_DIM)
-    scores = scores.masked_fill(_causal_mask(), float("-inf"))
+    scores = scores.masked_fill(_causal_mask(device), float("-inf"))
     context = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v).reshape(SEQ, BATCH, -1)
     gate = torch.sigmoid(x_ref @ ref_w[1].T)
     ref = (context * gate) @ ref_w[2].T
     (ref * dy).sum().backward()
 
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x_mod.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(x_mod.grad, x_ref.grad, rtol=10 * tol, atol=tol)
     for param, full_grad, dim in ((attn.linear_qkv.weight, ref_w[0].grad, 0),
                                   (attn.linear_gate.weight, ref_w[1].grad, 0),
                                   (attn.linear_proj.weight, ref_w[2].grad, 1)):
         torch.testing.assert_close(param.grad, _shard(full_grad, rank, world, dim),
-                                   rtol=1e-4, atol=1e-5)
+                                   rtol=10 * tol, atol=tol)
 
 
-def _check_mla(rank, world):
+def _check_mla(rank, world, device, tol):
     """MLA's own math is megatron-core's; the gate around it is checked.
 
     The reference takes MLA's ungated per-head output ``A`` from the
@@ -125,13 +129,12 @@ def _check_mla(rank, world):
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     torch.manual_seed(0)
-    w_gate = torch.randn(HEADS * HEAD_DIM, HIDDEN) * 0.5
-    w_proj = torch.randn(HIDDEN, HEADS * HEAD_DIM) * 0.2
-    x = torch.randn(SEQ, BATCH, HIDDEN)
-    dy = torch.randn(SEQ, BATCH, HIDDEN)
+    w_gate, w_proj, x, dy = _random(
+        (HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HEADS * HEAD_DIM), (SEQ, BATCH, HIDDEN),
+        (SEQ, BATCH, HIDDEN), scale=(0.5, 0.2, 1, 1), device=device)
 
     torch.manual_seed(1)
-    attn = _build(_config(world, mla=True))
+    attn = _build(_config(world, mla=True)).to(device)
     assert type(attn).__name__ == "GatedMLASelfAttention"
     with torch.no_grad():
         attn.linear_gate.weight.copy_(_shard(w_gate, rank, world, 0))
@@ -139,12 +142,13 @@ def _check_mla(rank, world):
 
     captured = []
     hook = attn.linear_proj.register_forward_hook(lambda m, args, out: captured.append(args[0]))
-    MLASelfAttention.forward(attn, x.clone().requires_grad_(), attention_mask=_causal_mask())
+    MLASelfAttention.forward(attn, x.clone().requires_grad_(),
+                             attention_mask=_causal_mask(device))
     hook.remove()
     heads_out = _gather(captured[0].detach(), world, dim=-1)  # A, all heads
 
     x_mod = x.clone().requires_grad_()
-    out, _ = attn(x_mod, attention_mask=_causal_mask())
+    out, _ = attn(x_mod, attention_mask=_causal_mask(device))
     (out * dy).sum().backward()
 
     ref_gate, ref_proj = (w.clone().requires_grad_() for w in (w_gate, w_proj))
@@ -152,31 +156,52 @@ def _check_mla(rank, world):
     ref = (heads_out * torch.sigmoid(x_ref @ ref_gate.T)) @ ref_proj.T
     (ref * dy).sum().backward()
 
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(attn.linear_gate.weight.grad,
-                               _shard(ref_gate.grad, rank, world, 0), rtol=1e-4, atol=1e-5)
+                               _shard(ref_gate.grad, rank, world, 0), rtol=10 * tol, atol=tol)
     torch.testing.assert_close(attn.linear_proj.weight.grad,
-                               _shard(ref_proj.grad, rank, world, 1), rtol=1e-4, atol=1e-5)
+                               _shard(ref_proj.grad, rank, world, 1), rtol=10 * tol, atol=tol)
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, port, device):
+    import contextlib
+
     from megatron.core import parallel_state
 
     from coom_nemo import cpu_mode
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(rank)
+        # fp32 reference math: no TF32 in PyTorch's matmuls
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    with cpu_mode.cpu_mode():
-        _check_standard(rank, world)
-        _check_mla(rank, world)
+    # CPU: fp32 kernels agree to 1e-5. GPU: TE and cuBLAS pick other
+    # fp32 reduction orders (and TE may use TF32), so 2e-3 there; a
+    # wrong gate or head order is off by O(1).
+    tol = 2e-3 if on_gpu else 1e-5
+    with contextlib.nullcontext() if on_gpu else cpu_mode.cpu_mode():
+        _check_standard(rank, world, device, tol)
+        _check_mla(rank, world, device, tol)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_gated_attention_matches_the_formula(tp):
-    mp.spawn(_worker, args=(tp, _free_port()), nprocs=tp, join=True)
+    mp.spawn(_worker, args=(tp, _free_port(), "cpu"), nprocs=tp, join=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.gpus2)])
+def test_gated_attention_matches_the_formula_on_gpu(tp):
+    """TE modules where TE imports, else local ones with SDPA."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} CUDA GPUs")
+    mp.spawn(_worker, args=(tp, _free_port(), "cuda"), nprocs=tp, join=True)
 
 
 

@@ -93,3 +93,21 @@ def test_gated_ep2_matches_single_process(run_cmd, tmp_path):
 
     assert_all_follow(*reference_then_layouts(run_cmd, tmp_path, "coom_gpt_oss_20b_gated", 2,
                                               ["EP2"]))
+
+
+@pytest.mark.parametrize("te", [False, True])
+def test_config_builds_on_a_gpu_host(te, monkeypatch):
+    """On a CUDA host NeMo's GPT-OSS config refused itself
+    ("When bias_activation_fusion is True, activation function should
+    be ... quick_geglu"): it must build there, fusing the clamped
+    quick-GEGLU only where TE's grouped experts can."""
+    import torch
+
+    from coom_nemo.models import gpt_oss
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpt_oss, "use_transformer_engine", lambda: te)
+    config = fdl.build(gpt_oss_config("debug"))
+    assert config.bias_activation_fusion is te
+    assert config.activation_func(torch.tensor([1.0])).item() == pytest.approx(
+        1.0 / (1.0 + torch.exp(torch.tensor(-1.702)).item()))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nemo_run as run
+from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from nemo.collections.llm.gpt.model.gpt_oss import GPTOSSConfig20B, GPTOSSModel
 
 from coom_nemo.models.base import CoomConfig
-from coom_nemo.models.specs import layer_spec
+from coom_nemo.models.specs import layer_spec, use_transformer_engine
 
 
 @dataclass
@@ -21,11 +23,26 @@ class CoomGptOssConfig(CoomConfig, GPTOSSConfig20B):
     and Megatron-Bridge): the 128-token window counts the current token,
     which megatron-core writes as ``(127, 0)``; and YaRN scales cos/sin
     by ``0.1 ln(32) + 1``, which needs ``yarn_mscale_all_dim=0``.
+
+    On a GPU, NeMo's config could not be built at all: it takes
+    ``quick_gelu`` from ``megatron.core.activations``, while
+    megatron/core/transformer/transformer_config.py:1203 admits
+    ``bias_activation_fusion`` only for the (same) function of
+    ``megatron.core.fusions.fused_bias_geglu``. The fused clamped
+    quick-GEGLU exists only in TE's grouped experts
+    (moe/experts.py:894); megatron-core's local MLP cannot fuse it
+    (mlp.py:156), so it is off where TE is not used.
     """
 
     transformer_layer_spec: object = layer_spec
     window_size: tuple[int, int] | None = (127, 0)
     yarn_mscale_all_dim: float = 0.0
+    activation_func: Callable = quick_gelu
+
+    def __post_init__(self):
+        if not use_transformer_engine():
+            self.bias_activation_fusion = False
+        super().__post_init__()
 
 
 class CoomGptOssModel(GPTOSSModel):

@@ -367,14 +367,14 @@ def _on_this_host():
     on a host without CUDA that needs CPU mode. Afterwards the process
     groups go, so a later run in this process starts clean."""
     from coom_nemo import cpu_mode
-    from coom_nemo.strategy import _release_global_state
+    from coom_nemo.strategy import release_global_state
 
     host = contextlib.nullcontext() if torch.cuda.is_available() else cpu_mode.cpu_mode()
     with host:
         try:
             yield
         finally:
-            _release_global_state()
+            release_global_state()
 
 
 def _new_output(output_path) -> Path:
