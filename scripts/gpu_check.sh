@@ -78,9 +78,10 @@ run_tests() {  # run_tests no-te|te [pytest args]
   {
     echo "# scripts/gpu_check.sh test $pass $*  ($(date -u '+%Y-%m-%d %H:%M UTC'), $gpus GPUs)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    PYTHONPATH=$path python3 -c "import importlib.util as u, torch, nemo, megatron.core as m; \
+    PYTHONPATH=$path python3 -c "import torch, nemo, megatron.core as m; \
+from coom_nemo.models.base import has_transformer_engine as te; \
 print('torch', torch.__version__, 'nemo', nemo.__version__, 'mcore', m.__version__, \
-'TE visible', u.find_spec('transformer_engine') is not None)" 2>&1 | tail -1
+'TE', te())" 2>&1 | tail -1 || true
   } | tee "$log"
   local group name marks devices pids=() names=()
   for group in "${GROUPS[@]}"; do
