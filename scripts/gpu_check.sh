@@ -56,7 +56,7 @@ wait_for() {  # wait_for FILE SECONDS WHAT
 
 # Groups run side by side (the node has the cores; correctness tests, no timing): the 1-GPU
 # tests on the last GPU, and the 2-GPU tests in two groups on both.
-GROUPS=("one_gpu|gpu and not gpus2|last"
+TEST_GROUPS=("one_gpu|gpu and not gpus2|last"
         "layouts|gpus2 and two_gpu_layouts|all"
         "faults|gpus2 and not two_gpu_layouts|all")
 
@@ -84,18 +84,18 @@ print('torch', torch.__version__, 'nemo', nemo.__version__, 'mcore', m.__version
 'TE', te())" 2>&1 | tail -1 || true
   } | tee "$log"
   local group name marks devices pids=() names=()
-  for group in "${GROUPS[@]}"; do
+  for group in "${TEST_GROUPS[@]}"; do
     IFS='|' read -r name marks devices <<< "$group"
     [[ $devices == last ]] && devices=$last || devices=$(seq -s, 0 $last)
-    ( CUDA_VISIBLE_DEVICES=$devices PYTHONPATH=$path GPU_CHECK_RESULTS="$results" \
-      PYTHONUNBUFFERED=1 python3 -m pytest -m "$marks" -p no:cacheprovider -q -rA \
+    ( CUDA_VISIBLE_DEVICES=$devices PYTHONPATH=$path GPU_CHECK_RESULTS="$results" timeout 520 \
+      env PYTHONUNBUFFERED=1 python3 -m pytest -m "$marks" -p no:cacheprovider -v -rA \
       --durations=10 "$@" > "$out/gpu_check_${pass}_$name.log" 2>&1 ) &
     pids+=($!); names+=("$name")
   done
   local rc=0 i
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || rc=1
-    { echo; echo "## group ${names[$i]} (-m \"$(cut -d'|' -f2 <<< "${GROUPS[$i]}")\")"
+    { echo; echo "## group ${names[$i]} (-m \"$(cut -d'|' -f2 <<< "${TEST_GROUPS[$i]}")\")"
       grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error" \
         "$out/gpu_check_${pass}_${names[$i]}.log" | tail -40; } | tee -a "$log"
   done
