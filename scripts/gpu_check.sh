@@ -56,9 +56,10 @@ wait_for() {  # wait_for FILE SECONDS WHAT
 
 # Groups run side by side (the node has the cores; correctness tests, no timing): the 1-GPU
 # tests on the last GPU, and the 2-GPU tests in two groups on both.
-TEST_GROUPS=("one_gpu|gpu and not gpus2|last"
-        "layouts|gpus2 and two_gpu_layouts|all"
-        "faults|gpus2 and not two_gpu_layouts|all")
+# name|markers (-m)|test names (-k)|GPUs
+TEST_GROUPS=("one_gpu|gpu and not gpus2||last"
+             "layouts|gpus2|two_gpu_layouts|all"
+             "faults|gpus2|not two_gpu_layouts|all")
 
 run_tests() {  # run_tests no-te|te [pytest args]
   local pass=$1; shift
@@ -83,12 +84,12 @@ from coom_nemo.models.base import has_transformer_engine as te; \
 print('torch', torch.__version__, 'nemo', nemo.__version__, 'mcore', m.__version__, \
 'TE', te())" 2>&1 | tail -1 || true
   } | tee "$log"
-  local group name marks devices pids=() names=()
+  local group name marks keywords devices pids=() names=()
   for group in "${TEST_GROUPS[@]}"; do
-    IFS='|' read -r name marks devices <<< "$group"
+    IFS='|' read -r name marks keywords devices <<< "$group"
     [[ $devices == last ]] && devices=$last || devices=$(seq -s, 0 $last)
     ( CUDA_VISIBLE_DEVICES=$devices PYTHONPATH=$path GPU_CHECK_RESULTS="$results" timeout 520 \
-      env PYTHONUNBUFFERED=1 python3 -m pytest -m "$marks" -p no:cacheprovider -v -rA \
+      env PYTHONUNBUFFERED=1 python3 -m pytest -m "$marks" -k "$keywords" -p no:cacheprovider -v -rA \
       --durations=10 "$@" > "$out/gpu_check_${pass}_$name.log" 2>&1 ) &
     pids+=($!); names+=("$name")
   done
