@@ -152,15 +152,30 @@ def slurm_executor(args: argparse.Namespace, recipe):
     )
 
 
-def local_executor(recipe):
-    """None runs in this process (one GPU, or CPU mode where Lightning
-    starts the other gloo ranks itself); else torchrun on this node."""
-    import nemo_run as run
+def torchrun(recipe, job_dir: str) -> int:
+    """Run ``recipe`` on this node's GPUs, one torchrun process each,
+    and return torchrun's exit status (non-zero when any rank failed).
 
-    gpus = recipe.trainer.devices
-    if recipe.trainer.accelerator == "cpu" or gpus == 1:
-        return None
-    return run.LocalExecutor(ntasks_per_node=gpus, launcher="torchrun")
+    The recipe is serialized as NeMo-Run serializes it and started
+    through NeMo-Run's own runner (``fdl_runner``), as NeMo-Run's local
+    executor does; NeMo-Run's experiment does not report how a local
+    job ended (its job state stays SUBMITTED or RUNNING).
+    """
+    import subprocess
+    import time
+
+    from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+
+    name = recipe.log.name
+    folder = Path(job_dir) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "recipe.zlib.json"
+    config.write_text(ZlibJSONSerializer().serialize(recipe))
+    env = {**os.environ, "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NCCL_NVLS_ENABLE": "0"}
+    return subprocess.call(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={recipe.trainer.devices}", "-m", "nemo_run.core.runners.fdl_runner",
+         "-n", name, str(config)], env=env)
 
 
 def main(factory, default_size: str, argv=None) -> int:
@@ -176,31 +191,19 @@ def main(factory, default_size: str, argv=None) -> int:
     except (PlanError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    executor = slurm_executor(args, recipe) if args.executor == "slurm" else local_executor(
-        recipe)
     name = recipe.log.name
     if args.dryrun:
         print(recipe)
-    if executor is None or args.dryrun:
-        run.run(recipe, executor=executor, name=name, dryrun=args.dryrun,
-                direct=executor is None)
+    if args.executor == "slurm":
+        run.run(recipe, executor=slurm_executor(args, recipe), name=name, dryrun=args.dryrun)
         return 0
-    return launch(recipe, executor, name, wait=args.executor == "local")
-
-
-def launch(recipe, executor, name: str, wait: bool) -> int:
-    """Run ``recipe`` through a NeMo-Run experiment. A local job is
-    waited for, and its end state becomes the exit status: ``run.run``
-    returns nothing, so a failed torchrun job would exit 0."""
-    import nemo_run as run
-    from torchx.specs import AppState
-
-    with run.Experiment(name, executor=executor) as exp:
-        exp.add(recipe, name=name, tail_logs=wait)
-        exp.run(detach=not wait)
-        state = exp.jobs[0].state
-    if wait and state != AppState.SUCCEEDED:
-        print(f"error: the {name} job ended {state.name}: see the errors above and the "
-              f"job's logs under {executor.job_dir}", file=sys.stderr)
-        return 1
-    return 0
+    # One GPU, or CPU mode (Lightning starts the other gloo ranks
+    # itself): in this process. Several GPUs: torchrun on this node.
+    if args.dryrun or recipe.trainer.accelerator == "cpu" or recipe.trainer.devices == 1:
+        run.run(recipe, name=name, dryrun=args.dryrun, direct=True)
+        return 0
+    code = torchrun(recipe, args.job_dir)
+    if code:
+        print(f"error: the {name} job failed (torchrun exit status {code}); the failing "
+              "rank's error is above", file=sys.stderr)
+    return code

@@ -14,6 +14,10 @@ class LossRecorder(pl.Callback):
         self.losses = []
         self.val_losses = []
         self.steps = []
+        self.device = None  # of the weights while training
+
+    def on_train_start(self, trainer, pl_module):
+        self.device = next(pl_module.parameters()).device
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

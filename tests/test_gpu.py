@@ -82,7 +82,7 @@ def test_family_trains_and_checkpoints_on_one_gpu(name, factory, changes, tmp_pa
     started = time.time()
     recorder, trainer = train(debug_recipe(factory, tmp_path, changes))
     module = trainer.lightning_module
-    assert next(module.parameters()).is_cuda
+    assert recorder.device.type == "cuda"
     assert uses_te_modules(module) == TE
     assert all(torch.isfinite(torch.tensor(recorder.losses))), recorder.losses
     assert falls(recorder.losses), recorder.losses
@@ -122,11 +122,15 @@ def test_two_gpu_layouts_follow_the_one_gpu_curve(factory, tmp_path):
     two_gpus()
     layouts = LAYOUTS[factory]
     num_layers = 4 if factory == "coom_llama31_405b" else 2
-    recipe = debug_recipe(factory, tmp_path / "ref")
-    comparable(recipe, num_layers)
+    # The layouts load the saved (bf16) initial weights, so the 1-GPU
+    # reference must start from them too, not from its own fp32 ones.
     init = str(tmp_path / "init")
-    recipe.trainer.callbacks.append(run.Config(SaveInitialWeights, path=init))
-    reference, _ = train(recipe)
+    first = comparable(debug_recipe(factory, tmp_path / "init_run"), num_layers)
+    first.trainer.max_steps = 1
+    first.trainer.callbacks.append(run.Config(SaveInitialWeights, path=init))
+    train(first)
+    reference, _ = train(comparable(debug_recipe(factory, tmp_path / "ref"), num_layers,
+                                    start_from=init))
     code, out = run_process(
         [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-port", str(_free_port()), str(ROOT / "tests" / "parallel_equivalence.py"),
