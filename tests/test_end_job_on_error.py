@@ -27,3 +27,19 @@ def test_fault_requests_are_read_or_refused():
     assert parse_fault("raise@3:rank1") == ("raise", 3, 1)
     with pytest.raises(ValueError, match="COOM_INJECT_FAULT: cannot read 'boom@3'"):
         parse_fault("boom@3")
+
+
+def test_a_local_torchrun_job_exits_with_torchrun_status(tmp_path, monkeypatch):
+    """recipes/*.py on several GPUs runs torchrun itself and returns its
+    status: 0 for a job that trained (NeMo-Run's experiment reported a
+    finished local job as SUBMITTED, so a good run exited 1). Here the
+    ranks are 2 gloo processes of a CPU recipe."""
+    from coom_nemo.launch import torchrun
+    from coom_nemo.recipes import FACTORIES
+
+    for variable in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    recipe = FACTORIES["coom_llama31_405b"](size="debug", cpu=True, gpus_per_node=2,
+                                            max_steps=2, dir=str(tmp_path / "run"))
+    assert torchrun(recipe, str(tmp_path / "jobs")) == 0
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
