@@ -199,8 +199,12 @@ def main(factory, default_size: str, argv=None) -> int:
         return 0
     # One GPU, or CPU mode (Lightning starts the other gloo ranks
     # itself): in this process. Several GPUs: torchrun on this node.
-    if args.dryrun or recipe.trainer.accelerator == "cpu" or recipe.trainer.devices == 1:
+    if recipe.trainer.accelerator == "cpu" or recipe.trainer.devices == 1:
         run.run(recipe, name=name, dryrun=args.dryrun, direct=True)
+        return 0
+    if args.dryrun:
+        run.run(recipe, executor=run.LocalExecutor(ntasks_per_node=recipe.trainer.devices,
+                                                   launcher="torchrun"), name=name, dryrun=True)
         return 0
     code = torchrun(recipe, args.job_dir)
     if code:

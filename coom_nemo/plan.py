@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from coom_nemo.model_math import ParamCount, count_params, human
 
+# Share of a GPU's memory a plan may fill (see Plan._check_memory).
+HEADROOM = 0.95
+
 
 class PlanError(ValueError):
     """A launch plan that cannot work; the message names the field."""
@@ -306,8 +309,11 @@ class Plan:
         if self.vp and self.pp > 1:
             in_flight *= 1 + (self.pp - 1) / (self.pp * self.vp)
         activations = per_layer * in_flight
+        # the output layer's 16-bit logits, kept for its backward, and
+        # the loss's fp32 copy of them (6 bytes a logit; 4 in fp32)
+        logit_bytes = 4 if self.precision == "fp32" else 6
         logits = tokens * int(p.embedding / h / (1 if _field(
-            c, "share_embeddings_and_output_weights", False) else 2)) * 4 / self.tp
+            c, "share_embeddings_and_output_weights", False) else 2)) * logit_bytes / self.tp
         overhead = 3e9  # CUDA context, NCCL buffers, allocator slack
         gib = 1024**3
         return {
@@ -322,12 +328,15 @@ class Plan:
         if not capacity:
             return
         estimate = self.memory_estimate_gb()
-        if estimate["total"] > capacity:
+        # The estimate matches measured peaks to ~2%
+        # (tests/test_bench.py); the allocator's fragmentation needs
+        # the rest: a run estimated at 99% of an H100 ran out of memory.
+        if estimate["total"] > HEADROOM * capacity:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in estimate.items() if k != "total")
             raise PlanError(
                 "trainer.strategy",
                 f"estimated {estimate['total']:.1f} GiB per GPU ({parts}) exceeds "
-                f"{capacity:.0f} GiB",
+                f"{HEADROOM:.0%} of {capacity:.0f} GiB",
                 "raise TP/PP (or EP for experts), use the distributed optimizer, "
                 "enable activation recompute or lower the micro batch size",
             )
