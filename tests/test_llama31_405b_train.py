@@ -112,11 +112,12 @@ def test_trains_on_c4_and_validates_on_schedule(c4_dir, tmp_path, capsys):
     assert run_stop["metadata"]["status"] == "aborted"
     assert not list(tmp_path.rglob("*.distcp")) and not list(tmp_path.rglob("*-last"))
     # The debug size cannot meet the rules that fix the full size's
-    # sequence length, LR formula, decay length, evaluation size and
-    # quality target; every other key and value passes.
-    assert set(compliance_failures(mllog, "6.0.0")) == {
-        "max_sequence_length", "opt_base_learning_rate", "opt_learning_rate_decay_steps",
-        "eval_samples", "eval_accuracy"}
+    # sequence length, LR formula, decay length and evaluation size,
+    # nor the target 5.6 unless its loss falls that far; every other
+    # key and value passes.
+    unmet = {"max_sequence_length", "opt_base_learning_rate", "opt_learning_rate_decay_steps",
+             "eval_samples"} | ({"eval_accuracy"} if min(recorder.val_losses) > 5.6 else set())
+    assert set(compliance_failures(mllog, "6.0.0")) == unmet
 
 
 def test_quality_target_stops_the_run(c4_dir, tmp_path, capsys):
@@ -148,10 +149,10 @@ def test_8b_benchmark_debug_run_writes_mllog(c4_dir, tmp_path, capsys):
     assert events["eval_accuracy"]["metadata"]["samples_count"] == 64
     assert events["eval_accuracy"]["value"] == pytest.approx(recorder.val_losses[-1])
     # Beyond the debug size: sequence length, decay length, max_steps
-    # (1.2M), evaluation size and quality target.
-    assert set(compliance_failures(mllog, "6.1.0")) == {
-        "max_sequence_length", "opt_learning_rate_decay_steps", "max_steps", "eval_samples",
-        "eval_accuracy"}
+    # (1.2M), evaluation size, and the target 3.3 unless reached.
+    unmet = {"max_sequence_length", "opt_learning_rate_decay_steps", "max_steps",
+             "eval_samples"} | ({"eval_accuracy"} if min(recorder.val_losses) > 3.3 else set())
+    assert set(compliance_failures(mllog, "6.1.0")) == unmet
 
 
 def test_validation_reads_documents_in_file_order(c4_dir):

@@ -205,3 +205,23 @@ def test_mlperf_mode_settings(tmp_path):
     assert plain.trainer.strategy.seed == 1234 and plain.log.ckpt is not None
     assert not any(c.__fn_or_cls__ is MLPerfLogger for c in plain.trainer.callbacks)
     assert getattr(plain.data, "num_train_samples", None) is None
+
+
+def test_every_rank_of_a_launch_draws_the_same_seed(monkeypatch):
+    from coom_nemo.mlperf import run_seed
+
+    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "COOM_MLPERF_SEED"):
+        monkeypatch.delenv(key, raising=False)
+    drawn = run_seed(None)  # rank 0 of a CPU-mode launch draws ...
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert run_seed(None) == drawn  # ... and the ranks it starts inherit it
+    assert run_seed(5) == 5
+    # torchrun: each rank derives it from the launch's rendezvous
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    seeds = set()
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        seeds.add(run_seed(None))
+    monkeypatch.setenv("MASTER_PORT", "29501")
+    assert len(seeds) == 1 and run_seed(None) != seeds.pop()
