@@ -9,7 +9,8 @@
 - trainer setup (before the model is built): ``cache_clear``,
   ``init_start``;
 - training start, after a barrier: the submission's ``submission_*``,
-  the hyperparameters (:func:`coom_nemo.mlperf.mllog_configs`),
+  the hyperparameters (:func:`run_configs`: read off the objects the
+  run trains with, so a ``key=value`` override of the recipe shows),
   ``init_checkpoint_step``, ``init_stop``, ``run_start``, then
   ``block_start``;
 - each evaluation: ``block_stop``, ``eval_start``, ``eval_accuracy``
@@ -35,6 +36,41 @@ from mlperf_logging.mllog import constants
 from mlperf_logging.mllog.mllog import MLLogger
 
 
+def run_configs(trainer, module) -> dict:
+    """The hyperparameter events of a run, as the reference's
+    pretrain_llama31.py ``configs`` names them, from its trainer and
+    model (``module.optim``: NeMo's MegatronOptimizerModule)."""
+    strategy, data = trainer.strategy, trainer.datamodule
+    adam, schedule = module.optim.config, module.optim.lr_scheduler
+    gbs, mbs = int(data.global_batch_size), int(data.micro_batch_size)
+    tp, pp, cp = (strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size,
+                  strategy.context_parallel_size)
+    replicas = max(1, trainer.world_size // (tp * pp * cp))
+    return {
+        "seed": strategy.seed,
+        "global_batch_size": gbs,
+        "gradient_accumulation_steps": gbs // (replicas * mbs),
+        "micro_batch_size": mbs,
+        "max_sequence_length": module.config.seq_length,
+        "opt_name": "adamw",  # Adam with decoupled weight decay
+        "opt_base_learning_rate": adam.lr,
+        "opt_adamw_beta_1": adam.adam_beta1,
+        "opt_adamw_beta_2": adam.adam_beta2,
+        "opt_adamw_epsilon": adam.adam_eps,
+        "opt_adamw_weight_decay": adam.weight_decay,
+        "opt_gradient_clip_norm": adam.clip_grad,
+        "opt_end_learning_rate": schedule.min_lr,
+        "opt_learning_rate_warmup_steps": schedule.warmup_steps,
+        "opt_learning_rate_decay_steps": schedule.max_steps - schedule.warmup_steps,
+        "opt_learning_rate_decay_schedule": "cosine with linear warmup",
+        "max_steps": schedule.max_steps,
+        "tensor_parallelism": tp,
+        "pipeline_parallelism": pp,
+        "context_parallelism": cp,
+        "expert_parallelism": strategy.expert_model_parallel_size,
+    }
+
+
 def log_path(directory, benchmark: str) -> Path:
     """The first of ``mlperf_<benchmark>.log``, ``.2.log``, ... that
     does not exist in ``directory``."""
@@ -50,7 +86,7 @@ class MLPerfLogger(pl.Callback):
 
     Args:
         benchmark: MLPerf's benchmark name, e.g. ``llama31_405b``.
-        configs: Hyperparameter events, key -> value.
+        configs: Events beyond :func:`run_configs`, key -> value.
         target: Log perplexity that ends the run as a success (None:
             the run never succeeds).
         org, platform: ``submission_org``/``submission_platform``;
@@ -138,7 +174,7 @@ class MLPerfLogger(pl.Callback):
                            (constants.SUBMISSION_STATUS, constants.ONPREM),
                            (constants.SUBMISSION_PLATFORM, self.platform)):
             self._event(key, value)
-        for key, value in self.configs.items():
+        for key, value in {**run_configs(trainer, pl_module), **self.configs}.items():
             self._event(key, value)
         self._event(constants.INIT_CHECKPOINT_STEP, trainer.global_step)
         self._end(constants.INIT_STOP)
