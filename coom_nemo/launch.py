@@ -83,8 +83,9 @@ def _add_factory_flags(group, factory) -> None:
         flag = "--" + name.replace("_", "-")
         # SUPPRESS: an absent flag leaves the factory's own default
         common = dict(default=argparse.SUPPRESS, help=f"recipe default: {param.default}")
-        if kind is bool:
-            group.add_argument(flag, action="store_true", **common)
+        if kind is bool:  # --flag, and --no-flag for one that is on by default
+            action = argparse.BooleanOptionalAction if param.default else "store_true"
+            group.add_argument(flag, action=action, **common)
         elif typing.get_origin(kind) is list:
             group.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], **common)
         else:

@@ -7,7 +7,9 @@ resumable, merged.
 Worker processes tokenize the pieces of the input (a gzip file, a range
 of a large plain file, parquet row groups: see ``documents.py``) into
 ``<output>.parts/`` with megatron-core's ``IndexedDatasetBuilder``, one
-sequence per document ending in the tokenizer's end-of-document token.
+sequence per document ending in the tokenizer's end-of-document token
+(``--no-eod``: none, and documents of no tokens are left out, as NeMo's
+preprocess_data_for_megatron.py does without ``--append-eod``).
 ``<output>.manifest.json`` records the settings and each finished piece,
 so a rerun of the same command after an interruption skips those. With
 every piece done they are merged, in input order, into
@@ -71,10 +73,11 @@ class Report:
 
 
 def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None,
+            append_eod: bool = True,
             workers: int | None = None, max_docs: int | None = None, piece_mb: float = 64,
             keep_parts: bool = False, progress: bool = True) -> Report:
     """Tokenize ``inputs`` into the Megatron prefix ``output``."""
-    tok = tokenizers.load(tokenizer, eod_token)
+    tok = tokenizers.load(tokenizer, eod_token, eod=append_eod)
     dtype = indexed().DType.optimal_dtype(tok.vocab_size)
     began = time.perf_counter()
     settings = {"inputs": [str(Path(p).resolve()) for p in inputs],
@@ -103,7 +106,7 @@ def prepare(inputs, output: str, tokenizer: str, *, eod_token: str | None = None
     with _Progress(sum(p.size for _, p in todo), progress, output) as bar:
         if todo:
             _run_pieces(todo, manifest, report, bar, workers,
-                        (tokenizer, eod_token, str(manifest.parts), dtype))
+                        (tokenizer, eod_token, append_eod, str(manifest.parts), dtype))
     for key, _ in named:
         record = manifest.pieces.get(key)
         if record:
@@ -165,17 +168,21 @@ def merge(prefixes: list[str], output: str, dtype) -> None:
 
 def write_dataset(texts, tok, prefix: str, dtype, report=None) -> tuple[int, int]:
     """Tokenize ``texts`` batch by batch into ``prefix``.bin/.idx, one
-    document each, EOD appended; return (documents, tokens)."""
+    document each, EOD appended (without an EOD, a text of no tokens
+    is left out); return (documents written, tokens)."""
     builder = indexed().IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     docs = tokens = 0
     for item in _batches(texts, BATCH_DOCS):
         batch, consumed = [text for text, _ in item], item[-1][1]
-        lengths = 0
+        lengths = written = 0
         for ids in tok.encode(batch):
-            ids.append(tok.eod)
+            if tok.eod is not None:
+                ids.append(tok.eod)
+            elif not ids:
+                continue
             builder.add_document(ids, [len(ids)])
-            lengths += len(ids)
-        docs, tokens = docs + len(batch), tokens + lengths
+            lengths, written = lengths + len(ids), written + 1
+        docs, tokens = docs + written, tokens + lengths
         if report:
             report(len(batch), lengths, consumed)
     builder.finalize(f"{prefix}.idx")
@@ -211,11 +218,11 @@ def _batches(items, size):
 _worker = {}
 
 
-def _init_worker(spec, eod_token, parts, dtype, updates):
+def _init_worker(spec, eod_token, append_eod, parts, dtype, updates):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker
-    _worker.update(tok=tokenizers.load(spec, eod_token), parts=Path(parts), dtype=dtype,
-                   updates=updates)
+    _worker.update(tok=tokenizers.load(spec, eod_token, eod=append_eod), parts=Path(parts),
+                   dtype=dtype, updates=updates)
 
 
 def _tokenize_piece(item):
@@ -369,6 +376,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True,
                    help="sentencepiece:<file.model> or hf:<tokenizer.json or its directory>")
     p.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's EOS)")
+    p.add_argument("--no-eod", dest="append_eod", action="store_false",
+                   help="append no end-of-document token (MLPerf's C4 files have none)")
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--piece-mb", type=float, default=64,
                    help="cut plain files and parquet into pieces of about this many MB "
@@ -385,6 +394,7 @@ def run(args, jobs) -> int:
     for inputs, output, max_docs in jobs:
         try:
             report = prepare(inputs, output, args.tokenizer, eod_token=args.eod_token,
+                             append_eod=args.append_eod,
                              workers=args.workers, max_docs=max_docs,
                              piece_mb=args.piece_mb, keep_parts=args.keep_parts,
                              progress=not args.no_progress)

@@ -4,7 +4,8 @@ The specs are the ones the recipes take (``coom_nemo.tokenizers``):
 ``sentencepiece:<file.model>`` or ``hf:<tokenizer.json or its
 directory>``. Documents are encoded without special tokens; the writer
 appends the end-of-document token, the tokenizer's EOS, which is what
-NeMo's tokenizers report as ``eod`` at training time.
+NeMo's tokenizers report as ``eod`` at training time, unless loaded
+with ``eod=False`` (MLPerf's C4 files have none).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 class Tokenizer:
     spec: str
     path: Path
-    eod: int
+    eod: int | None  # None: documents get no end-of-document token
     vocab_size: int
     _model: object
 
@@ -49,12 +50,15 @@ except ImportError:  # pragma: no cover - a pinned dependency
     _SentencePiece = None
 
 
-def load(spec: str, eod_token: str | None = None) -> Tokenizer:
-    """The tokenizer ``spec`` names; ``eod_token`` overrides its EOS."""
+def load(spec: str, eod_token: str | None = None, eod: bool = True) -> Tokenizer:
+    """The tokenizer ``spec`` names; ``eod_token`` overrides its EOS;
+    ``eod=False``: no end-of-document token."""
     kind, _, value = spec.partition(":")
     if kind == "sentencepiece":
         path = _existing(value, spec)
         model = _SentencePiece(model_file=str(path))
+        if not eod:
+            return Tokenizer(spec, path, None, model.vocab_size(), model)
         eod = model.piece_to_id(eod_token) if eod_token else model.eos_id()
         if eod < 0 or (eod_token and model.id_to_piece(eod) != eod_token):
             raise ValueError(f"tokenizer: {path} has no {eod_token or 'EOS'} token for the "
@@ -70,13 +74,16 @@ def load(spec: str, eod_token: str | None = None) -> Tokenizer:
             raise FileNotFoundError(f"tokenizer: {path} does not exist; give the "
                                     "tokenizer.json or the directory holding it")
         model = HFTokenizer.from_file(str(path))
+        size = model.get_vocab_size(with_added_tokens=True)
+        if not eod:
+            return Tokenizer(spec, path, None, size, model)
         token = eod_token or _eos_token(path.parent)
         eod = model.token_to_id(token) if token else None
         if eod is None:
             raise ValueError(f"tokenizer: cannot tell the end-of-document token of {path} "
                              f"({token!r} is not in its vocabulary); pass --eod-token, "
                              "e.g. --eod-token '</s>'")
-        return Tokenizer(spec, path, eod, model.get_vocab_size(with_added_tokens=True), model)
+        return Tokenizer(spec, path, eod, size, model)
     raise ValueError(f"tokenizer: unknown kind {kind!r} in {spec!r}; use "
                      "sentencepiece:<file.model> or hf:<tokenizer.json or its directory>")
 

@@ -16,6 +16,6 @@ tokenizer=sentencepiece:$data/spm1024.model
 "$py" -m data_prep.tinystories --input "$data" --tokenizer "$tokenizer" \
   --output "$data/indexed"
 run_dir=runs/demo-$(date +%Y%m%d-%H%M%S)
-"$py" recipes/llama31_405b.py --cpu --size debug --max-steps 30 --dir "$run_dir" \
+"$py" recipes/llama31_405b.py --cpu --size debug --max-steps 30 --dir "$run_dir" --no-mlperf \
   --data "$data/indexed/train" --tokenizer "$tokenizer" "$@"
 echo "checkpoints: $(ls -d "$run_dir"/*/checkpoints/*/ 2>/dev/null | tr '\n' ' ')"

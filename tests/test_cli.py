@@ -9,7 +9,8 @@ from conftest import PYTHON, ROOT
 NEMO = str(Path(PYTHON).parent / "nemo")
 
 
-@pytest.mark.parametrize("factory", ["coom_deepseek", "coom_llama31_405b", "coom_gpt_oss_20b"])
+@pytest.mark.parametrize("factory", ["coom_deepseek", "coom_llama31_405b", "coom_gpt_oss_20b",
+                                     "coom_llama31_8b_mlperf"])
 def test_nemo_cli_dryrun(run_cmd, factory):
     code, out = run_cmd([NEMO, "llm", "pretrain", "--factory", factory, "--dryrun", "--yes"])
     assert code == 0, out[-3000:]

@@ -81,7 +81,9 @@ def test_405b_recipe_carries_the_reference_settings(capsys):
     callbacks = {c.__fn_or_cls__: c for c in recipe.trainer.callbacks}
     assert callbacks[QualityTarget].target == 5.6
     assert (callbacks[EvalCadence].first_step, callbacks[EvalCadence].every_n_steps) == (224, 16)
-    assert callbacks[RecordHyperparameters].values["seed"] == 1234
+    # MLPerf mode: a random seed per run (the reference's range)
+    assert 0 <= callbacks[RecordHyperparameters].values["seed"] <= 32767
+    assert recipe.data.__fn_or_cls__.__name__ == "MockData"  # no index to fix
     out = capsys.readouterr().out
     assert "model=llama31_405b params=405.85B " in out  # 405.9B +-0.5%
     assert "layout=TP8.PP9.CP4.EP1.VP7 gpus=2304" in out

@@ -11,10 +11,11 @@ import numpy
 import pytest
 import torch
 from helpers import falls, train
+from mlperf_check import compliance_failures, mllog_events
 
 from coom_nemo import c4
 from coom_nemo.plan import PlanError
-from coom_nemo.recipes import llama31_405b
+from coom_nemo.recipes import llama31_8b_mlperf, llama31_405b
 
 VALIDATION = c4.LAYOUTS["reference"]["validation"][0]
 
@@ -99,6 +100,24 @@ def test_trains_on_c4_and_validates_on_schedule(c4_dir, tmp_path, capsys):
     assert recorder.val_losses[-1] < recorder.val_losses[0] < math.log(512)
     assert "hyperparameters: seed=7 global_batch_size=8 " in out
     assert "quality target reached" not in out
+    # MLPerf mode: an MLLOG file in the run folder (and its lines on the
+    # console), no checkpoint
+    mllog = tmp_path / "llama31_debug" / "mlperf_llama31_405b.log"
+    events = mllog_events(mllog)
+    assert ":::MLLOG" in out and f"MLLOG: {mllog}" in out
+    accuracy = [e for e in events if e["key"] == "eval_accuracy"]
+    assert [e["metadata"]["samples_count"] for e in accuracy] == [64, 128]
+    assert [e["value"] for e in accuracy] == pytest.approx(recorder.val_losses)
+    run_stop = next(e for e in events if e["key"] == "run_stop")
+    assert run_stop["metadata"]["status"] == "aborted"
+    assert not list(tmp_path.rglob("*.distcp")) and not list(tmp_path.rglob("*-last"))
+    # The debug size cannot meet the rules that fix the full size's
+    # sequence length, LR formula, decay length and evaluation size,
+    # nor the target 5.6 unless its loss falls that far; every other
+    # key and value passes.
+    unmet = {"max_sequence_length", "opt_base_learning_rate", "opt_learning_rate_decay_steps",
+             "eval_samples"} | ({"eval_accuracy"} if min(recorder.val_losses) > 5.6 else set())
+    assert set(compliance_failures(mllog, "6.0.0")) == unmet
 
 
 def test_quality_target_stops_the_run(c4_dir, tmp_path, capsys):
@@ -108,6 +127,32 @@ def test_quality_target_stops_the_run(c4_dir, tmp_path, capsys):
     assert len(recorder.losses) == 8 and trainer.global_step == 8
     assert re.search(r"quality target reached: val_loss \d+\.\d+ <= 100.0 at step 8 "
                      r"\(64 samples\); stopping", out), out[-2000:]
+    events = mllog_events(tmp_path / "llama31_debug" / "mlperf_llama31_405b.log")
+    assert [e["key"] for e in events[-5:]] == ["eval_start", "eval_accuracy", "eval_stop",
+                                               "run_stop", "train_samples"]
+    assert events[-2]["metadata"]["status"] == "success" and events[-1]["value"] == 64
+
+
+def test_8b_benchmark_debug_run_writes_mllog(c4_dir, tmp_path, capsys):
+    """The 8B benchmark's debug size trains on the reference's en_6
+    alone and writes its MLLOG file."""
+    recipe = llama31_8b_mlperf.pretrain_recipe(
+        size="debug", cpu=True, dir=str(tmp_path), c4_dir=str(c4_dir),
+        tokenizer=f"sentencepiece:{c4_dir / 'spm.model'}", max_steps=8, seed=3)
+    assert recipe.data.paths["train"] == ["10", str(c4_dir / c4.train_prefix(6))]
+    recorder, _ = train(recipe)
+    out = capsys.readouterr().out
+    assert len(recorder.losses) == 8 and "hyperparameters: seed=3 " in out
+    mllog = tmp_path / "llama31_mlperf_debug" / "mlperf_llama31_8b.log"
+    events = {e["key"]: e for e in mllog_events(mllog)}
+    assert events["submission_benchmark"]["value"] == "llama31_8b"
+    assert events["eval_accuracy"]["metadata"]["samples_count"] == 64
+    assert events["eval_accuracy"]["value"] == pytest.approx(recorder.val_losses[-1])
+    # Beyond the debug size: sequence length, decay length, max_steps
+    # (1.2M), evaluation size, and the target 3.3 unless reached.
+    unmet = {"max_sequence_length", "opt_learning_rate_decay_steps", "max_steps",
+             "eval_samples"} | ({"eval_accuracy"} if min(recorder.val_losses) > 3.3 else set())
+    assert set(compliance_failures(mllog, "6.1.0")) == unmet
 
 
 def test_validation_reads_documents_in_file_order(c4_dir):

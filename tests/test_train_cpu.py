@@ -10,7 +10,7 @@ from coom_nemo.recipes import llama31_405b
 
 def test_debug_llama_trains_checkpoints_and_resumes(tmp_path):
     recipe = llama31_405b.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path),
-                                          max_steps=16)
+                                          max_steps=16, mlperf=False)
     recorder, trainer = train(recipe)
     assert len(recorder.losses) == 16
     assert falls(recorder.losses), recorder.losses
@@ -29,7 +29,7 @@ def test_debug_llama_trains_checkpoints_and_resumes(tmp_path):
     # and
     # leaves what the first run wrote in place
     longer = llama31_405b.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path),
-                                          max_steps=20)
+                                          max_steps=20, mlperf=False)
     resumed, _ = train(longer)
     assert resumed.steps[0] == recorder.steps[-1] + 1 and len(resumed.losses) == 4
     after = {p.name for p in checkpoints.iterdir()}

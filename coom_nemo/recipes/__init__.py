@@ -4,10 +4,11 @@
 ``nemo_run.cli`` entry point, which imports this package.
 """
 
-from coom_nemo.recipes import deepseek, gpt_oss_20b, llama31_405b
+from coom_nemo.recipes import deepseek, gpt_oss_20b, llama31_8b_mlperf, llama31_405b
 
 FACTORIES = {
     "coom_llama31_405b": llama31_405b.pretrain_recipe,
+    "coom_llama31_8b_mlperf": llama31_8b_mlperf.pretrain_recipe,
     "coom_gpt_oss_20b": gpt_oss_20b.pretrain_recipe,
     "coom_gpt_oss_20b_gated": gpt_oss_20b.pretrain_recipe_gated,
     "coom_deepseek": deepseek.pretrain_recipe,

@@ -24,7 +24,9 @@ Every number below comes from the reference, mlcommons/training
   here ``restore_path`` names the output of
   ``recipes/llama31_import_hf.py``.
 - Seeds: one seed seeds the model (strategy) and the data order
-  (the reference's per-run ``--seeds``), and is logged at start.
+  (the reference's per-run ``--seeds``), and is logged at start;
+  MLPerf mode draws a random one per run unless given.
+- MLPerf mode (default on): :func:`coom_nemo.mlperf.benchmark_recipe`.
 
 ``size="debug"`` is the same recipe and code path, shrunk to a 2-layer
 model with its own small schedule; it trains on a CPU or one GPU.
@@ -32,37 +34,18 @@ model with its own small schedule; it trains on a CPU or one GPU.
 
 # No `from __future__ import annotations`: NeMo-Run reads the
 # factories' annotations as types to parse CLI arguments.
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional
 
 import nemo_run as run
 from nemo.collections import llm
 
-from coom_nemo import c4
-from coom_nemo.data import InOrderEvalDataset
 from coom_nemo.factory import launch_arguments
-from coom_nemo.mlperf import Benchmark
+from coom_nemo.mlperf import Benchmark, benchmark_preset, benchmark_recipe
 from coom_nemo.models.llama import llama31_model
-from coom_nemo.plan import PlanError
-from coom_nemo.recipe import Cluster, Extras, Layout, Preset, from_preset
-
-
-@dataclass(frozen=True)
-class BenchmarkPreset(Preset):
-    """A preset whose optimizer and schedule follow benchmark rules."""
-
-    rules: Benchmark = Benchmark()
-
-
-def _preset(rules: Benchmark, **fields) -> BenchmarkPreset:
-    gbs = fields["global_batch_size"]
-    return BenchmarkPreset(rules=rules, optim=rules.optim(gbs), schedule=rules.schedule(gbs),
-                           **fields)
-
+from coom_nemo.recipe import Cluster, Layout
 
 PRESETS = {
-    "405b": _preset(
+    "405b": benchmark_preset(
         Benchmark(),
         model=llama31_model("405b"),
         layout=Layout(tp=8, pp=9, vp=7, cp=4),
@@ -73,7 +56,7 @@ PRESETS = {
     ),
     # The reference's 8b debugging size (NeMo's llama3_8b layout, peak
     # LR 3e-4, 2000 warmup steps) under the same schedule formulas.
-    "8b": _preset(
+    "8b": benchmark_preset(
         Benchmark(base_lr=3e-4, min_lr=3e-5, warmup_steps=2000),
         model=llama31_model("8b"),
         layout=Layout(tp=1, pp=1, cp=2),
@@ -82,7 +65,7 @@ PRESETS = {
         micro_batch_size=1,
         tokenizer="null:128256",
     ),
-    "debug": _preset(
+    "debug": benchmark_preset(
         Benchmark(base_gbs=8, base_lr=3e-3, min_lr=3e-5, warmup_steps=5, total_steps=64,
                   eval_every=64, eval_sequences=16, eval_start=(0, 1), target_log_ppl=None),
         model=llama31_model("debug"),
@@ -98,12 +81,13 @@ PRESETS = {
 
 @run.cli.factory(target=llm.pretrain, name="coom_llama31_405b")
 @launch_arguments(size="405b")
-def pretrain_recipe(c4_dir: Optional[str] = None, seed: int = 1234,
+def pretrain_recipe(c4_dir: Optional[str] = None, seed: Optional[int] = None,
                     target_log_ppl: Optional[float] = None, restore_path: Optional[str] = None,
+                    mlperf: bool = True, save_checkpoints: bool = False,
                     **launch) -> run.Partial:
     """Llama 3.1 405B, MLPerf's benchmark; ``size="debug"`` is the same
-    recipe, tiny. ``max_steps`` stops early; the LR schedule keeps the
-    benchmark's length.
+    recipe, tiny. ``max_steps`` stops early; the LR schedule and the
+    data order keep the benchmark's length.
 
     Args:
         c4_dir: Directory with the benchmark's C4 indexed files, as
@@ -111,54 +95,17 @@ def pretrain_recipe(c4_dir: Optional[str] = None, seed: int = 1234,
             (:mod:`coom_nemo.c4`); without it (and ``data_paths``) the
             data is mock tokens.
         seed: Seeds the weights and the data order; logged at start.
+            Default: random per run in MLPerf mode, else 1234.
         target_log_ppl: Stop at this validation log perplexity (default:
             the benchmark's, 5.6; none for ``debug``).
         restore_path: NeMo checkpoint to start from, weights only (e.g.
             HF weights converted by ``recipes/llama31_import_hf.py``).
+        mlperf: MLPerf mode: MLLOG file and lines, random seed, no
+            checkpoints, the reference's data index
+            (:func:`coom_nemo.mlperf.benchmark_recipe`).
+        save_checkpoints: In MLPerf mode, save checkpoints anyway.
     """
-    size = launch["size"]
-    if size not in PRESETS:
-        raise ValueError(f"size: {size!r} is not one of {', '.join(PRESETS)}")
-    if c4_dir and launch["data_paths"]:
-        raise ValueError("c4_dir, data_paths: give one of them, not both")
-    preset = PRESETS[size]
-    rules = preset.rules
-    gbs = launch["global_batch_size"] or preset.global_batch_size
-    target = rules.target_log_ppl if target_log_ppl is None else target_log_ppl
-    preset = replace(preset, optim=rules.optim(gbs),
-                     schedule=rules.schedule(gbs, launch["max_steps"]))
-    restore = str(Path(restore_path).resolve()) if restore_path else None
-    extras = Extras(seed=seed, restore_path=restore, callbacks=rules.callbacks(gbs, seed, target))
-    if c4_dir:
-        launch["data_paths"] = c4.mlperf_paths(c4_dir)
-    recipe = from_preset({size: preset}, family="llama31", extras=extras,
-                         **{**launch, "global_batch_size": gbs})
-    if restore_path:
-        check_checkpoint_shape(restore_path, recipe.model.config)
-    if c4_dir:
-        recipe.data.dataset_cls = InOrderEvalDataset
-    if launch["data_paths"]:
-        recipe.data.seed = seed
-    return recipe
-
-
-SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-         "num_query_groups", "vocab_size")
-
-
-def check_checkpoint_shape(path: str, config) -> None:
-    """A NeMo checkpoint whose weights fit ``config``, checked before
-    anything starts (its ``context/model.yaml`` holds its config)."""
-    import yaml
-
-    context = Path(path, "context", "model.yaml")
-    if not (context.is_file() and Path(path, "weights").is_dir()):
-        raise FileNotFoundError(
-            f"restore_path: {path} is not a NeMo checkpoint (no weights/ and "
-            "context/model.yaml); convert HF weights with recipes/llama31_import_hf.py first")
-    saved = yaml.safe_load(context.read_text())["config"]
-    for field in SHAPE:
-        if saved.get(field) != getattr(config, field):
-            raise PlanError("restore_path", f"{path} holds {field}={saved.get(field)}, the "
-                            f"recipe builds {getattr(config, field)}",
-                            "choose the size and tokenizer the checkpoint was made with")
+    return benchmark_recipe(PRESETS, family="llama31", factory="coom_llama31_405b",
+                            c4_dir=c4_dir, seed=seed, target_log_ppl=target_log_ppl,
+                            restore_path=restore_path, mlperf=mlperf,
+                            save_checkpoints=save_checkpoints, launch=launch)
