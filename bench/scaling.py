@@ -28,12 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, PER_GPU_BATCH = 4096, 8
-LLAMA = ["recipes/llama31_405b.py", "--size", "8b", "model.config.num_layers=8"]
+LLAMA = ["recipes/llama31_405b.py", "--size", "8b", "--no-mlperf",
+         "model.config.num_layers=8"]
 MOE = ["recipes/deepseek_moe.py", "--size", "16b", "model.config.num_layers=4",
        "model.config.moe_layer_freq=[0,1,1,1]"]
 # The recipe's own Llama 3.1 8B (32 layers, vocabulary 128256) at
 # its sequence length 8192: the per-GPU rate beside NVIDIA's.
-LLAMA_8B = ["recipes/llama31_405b.py", "--size", "8b"]
+LLAMA_8B = ["recipes/llama31_405b.py", "--size", "8b", "--no-mlperf"]
 # name: (script and model, GPUs, layout, extra flags)
 CONFIGS = {
     "llama-1gpu": (LLAMA, 1, "TP1", []),
@@ -49,10 +50,12 @@ CONFIGS = {
 
 def command(name: str, steps: int, workdir: Path) -> list[str]:
     model, gpus, layout, extra = CONFIGS[name]
-    return [sys.executable, str(ROOT / model[0]), *model[1:3], "--gpus-per-node", str(gpus),
+    flags = [a for a in model[1:] if a.startswith("--") or not a.count("=")]
+    overrides = [a for a in model[1:] if a not in flags]
+    return [sys.executable, str(ROOT / model[0]), *flags, "--gpus-per-node", str(gpus),
             "--layout", layout, "--gbs", str(PER_GPU_BATCH * gpus), "--mbs", "1",
             "--seq-length", str(SEQ), "--max-steps", str(steps), "--dir", str(workdir / name),
-            *extra, *model[3:], "log.ckpt=None", "trainer.enable_checkpointing=False",
+            *extra, *overrides, "log.ckpt=None", "trainer.enable_checkpointing=False",
             f"trainer.val_check_interval={steps + 1}", "trainer.limit_val_batches=0"]
 
 

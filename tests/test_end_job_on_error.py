@@ -40,6 +40,7 @@ def test_a_local_torchrun_job_exits_with_torchrun_status(tmp_path, monkeypatch):
     for variable in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(variable, raising=False)
     recipe = FACTORIES["coom_llama31_405b"](size="debug", cpu=True, gpus_per_node=2,
-                                            max_steps=2, dir=str(tmp_path / "run"))
+                                            max_steps=2, dir=str(tmp_path / "run"),
+                                            mlperf=False)
     assert torchrun(recipe, str(tmp_path / "jobs")) == 0
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
