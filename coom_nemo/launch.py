@@ -35,6 +35,8 @@ def parse_args(argv, default_size: str, factory=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--dryrun", action="store_true", help="print, launch nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="show framework output too (default: in the run's log file)")
     p.add_argument("--cpu", action="store_true",
                    help="CPU mode (gloo, fp32): for hosts without a GPU")
     p.add_argument("--size", default=default_size, help="model size preset")
@@ -166,9 +168,11 @@ def local_executor(recipe):
 def main(factory, default_size: str, argv=None) -> int:
     import nemo_run as run
 
+    from coom_nemo import console
     from coom_nemo.plan import PlanError
 
     args = parse_args(sys.argv[1:] if argv is None else argv, default_size, factory)
+    console.configure(verbose=args.verbose or args.dryrun)
     try:
         recipe = build(factory, args)
         if args.executor == "local" and not args.dryrun:
@@ -178,6 +182,8 @@ def main(factory, default_size: str, argv=None) -> int:
         return 2
     executor = slurm_executor(args, recipe) if args.executor == "slurm" else local_executor(
         recipe)
+    if executor is not None:
+        console.stop()  # the launcher relays the workers' consoles as they are
     name = recipe.log.name
     if args.dryrun:
         print(recipe)
