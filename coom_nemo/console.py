@@ -11,10 +11,11 @@ build) is held in memory and written there first.
 
 The rule that tells the two apart is where the text comes from: a
 write whose caller is a module of this package (``print`` in
-``coom_nemo``, ``bench``, a ``__main__`` script) is a console line, any
-other write is framework output. ``--verbose`` on ``recipes/*.py``, or
-``COOM_VERBOSE=1`` (e.g. for ``nemo llm``), shows everything as well.
-Ranks other than 0 print only errors, prefixed with their rank.
+``coom_nemo``, ``bench``, a ``__main__`` script; and argparse's help
+and usage) is a console line, any other write is framework output.
+``--verbose`` on ``recipes/*.py``, or ``COOM_VERBOSE=1`` (e.g. for
+``nemo llm``), shows everything as well. Ranks other than 0 print only
+errors, prefixed with their rank.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 VERBOSE_ENV = "COOM_VERBOSE"
 LOG_ENV = "COOM_LOG_FILE"  # the log file, for helper processes
 LOG_NAME = "coom_log_rank{rank}.txt"
-OWN_MODULES = ("coom_nemo", "bench", "__main__")
+OWN_MODULES = ("coom_nemo", "bench", "__main__", "argparse")  # argparse: --help, usage
 WRITE_WRAPPERS = ("wandb",)
 _MAX_BUFFERED = 20000  # writes held before the log file exists
 

@@ -171,7 +171,11 @@ def main(factory, default_size: str, argv=None) -> int:
     from coom_nemo import console
     from coom_nemo.plan import PlanError
 
-    args = parse_args(sys.argv[1:] if argv is None else argv, default_size, factory)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, default_size, factory)
+    except SystemExit:  # --help, or a bad flag: argparse's lines only
+        console.configure(verbose=False)
+        raise
     console.configure(verbose=args.verbose or args.dryrun)
     try:
         recipe = build(factory, args)
