@@ -7,8 +7,8 @@ batch (all data-parallel ranks and micro-batches), the router's expert
 bias and the tokens dropped at the capacity limit, and logs them to the
 trainer's loggers (TensorBoard, W&B). It also logs the load-balancing
 aux loss and each MTP depth's loss, which megatron-core records but
-NeMo 2.7.3 never reads. At the end of training it prints a per-layer
-summary.
+NeMo 2.7.3 never reads. Its per-layer load over the run is part of the
+end-of-run summary (``summary_lines``).
 
 All ranks take part: one all-reduce per step gathers every pipeline
 stage's layers, so rank 0 logs the whole model.
@@ -236,6 +236,7 @@ class ExpertLoadMetrics(pl.Callback):
             line += f" | dropped {load.dropped:.0f} ({100 * load.dropped_fraction:.2f}%)"
             lines.append(line)
         return lines
+
 
 def _row(name: str, router, layers: int) -> int:
     """Global row of a router: decoder layer index, then MTP depths.
