@@ -34,12 +34,13 @@ class StepMetrics(pl.Callback):
     Step line: loss, learning rate, tokens/s, model TFLOP/s per device
     (per GPU on GPUs; ``model_math.model_flops_per_token``: 6 x active
     matmul params + causal attention), step time, ``step/total`` and an
-    ETA from the wall time per step so far (validation and checkpoints
-    included). The step time is wall-clock between consecutive step
-    ends, so data loading and the optimizer step are included and
-    validation is not. Values are also logged to the trainer's loggers
-    (TensorBoard, W&B). Other callbacks add lines to the summary through
-    a ``summary_lines(trainer)`` method (energy, MoE load).
+    ETA from the wall time per step since the first step (validation
+    and checkpoints included). The step time is wall-clock between
+    consecutive step ends, so data loading and the optimizer step are
+    included and validation is not. Values are also logged to the
+    trainer's loggers (TensorBoard, W&B). Other callbacks add lines to
+    the summary through a ``summary_lines(trainer)`` method (energy, MoE
+    load).
     """
 
     def __init__(self, every_n_steps: int = 1):
@@ -53,7 +54,7 @@ class StepMetrics(pl.Callback):
         self.steps = 0
         self.last_loss = None
         self.last_val = None  # (step, val_loss)
-        self._started = None  # wall clock at the first step's end
+        self._started = None  # (wall clock, step) at the first step's end
 
     # -- start ---------------------------------------------------------
 
@@ -93,8 +94,7 @@ class StepMetrics(pl.Callback):
             pl_module.log(key, value, batch_size=1, rank_zero_only=True)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.last_loss = float(loss)
-        if self._started is None:
-            self._started = (now - step_time, step - 1)
+        eta = self._eta(now, step, trainer.max_steps, step_time)
         if trainer.global_rank != 0 or step % self.every_n_steps:
             return
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
@@ -103,12 +103,18 @@ class StepMetrics(pl.Callback):
                 f"lr {lr:.3e} | {human(tokens_per_s)} tok/s")
         if "model_tflops_per_gpu" in metrics:
             line += f" | {metrics['model_tflops_per_gpu']:.3g} model TFLOP/s/{device(trainer)}"
-        line += f" | {step_time * 1000:.0f} ms | ETA {clock(self._eta(now, step, total))}"
+        line += f" | {step_time * 1000:.0f} ms | ETA {clock(eta)}"
         console.info(line)
 
-    def _eta(self, now: float, step: int, total: int) -> float:
+    def _eta(self, now: float, step: int, total: int, step_time: float) -> float:
+        """Seconds left at the wall time per step since the first step
+        (left out: it includes warm-up)."""
+        left = max(total - step, 0)
+        if self._started is None:
+            self._started = (now, step)
+            return step_time * left
         start, first = self._started
-        return (now - start) / max(step - first, 1) * max(total - step, 0)
+        return (now - start) / (step - first) * left
 
     def on_validation_end(self, trainer, pl_module):
         val_loss = trainer.callback_metrics.get("val_loss")
