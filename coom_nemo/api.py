@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nemo.collections import llm
 
+from coom_nemo import console
 from coom_nemo.plan import Plan, PlanOptions
 
 
@@ -20,23 +21,26 @@ def pretrain(model, data, trainer, log=None, resume=None, optim=None,
 
     The check runs on the objects as built, after every CLI override,
     and before any process group starts; a bad layout or batch size
-    fails with one line naming the field.
+    fails with one line naming the field. The run's console is
+    :mod:`coom_nemo.console`'s (framework output to the run's log).
     """
-    _check(model, data, trainer, optim, plan)
-    return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume,
-                        optim=optim)
+    with console.session():
+        _check(model, data, trainer, optim, plan)
+        return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume,
+                            optim=optim)
 
 
 def finetune(model, data, trainer, log=None, resume=None, optim=None,
              plan: PlanOptions | None = None, peft=None) -> Path:
     """``llm.finetune`` (full, or PEFT such as LoRA) behind the same
     plan check as :func:`pretrain`."""
-    _check(model, data, trainer, optim, plan)
-    return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume,
-                        optim=optim, peft=peft)
+    with console.session():
+        _check(model, data, trainer, optim, plan)
+        return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume,
+                            optim=optim, peft=peft)
 
 
 def _check(model, data, trainer, optim, plan) -> None:
     checked = Plan.from_parts(model, data, trainer, optim, plan).check()
     if is_rank_zero():
-        print(checked.summary_line(), flush=True)
+        console.plan_line(checked.summary_line(), repeat=False)

@@ -132,12 +132,14 @@ class EnergyMetrics(pl.Callback):
     def on_validation_end(self, trainer, pl_module):
         self._restart()
 
-    def on_train_end(self, trainer, pl_module):
-        if self.total_tokens and trainer.global_rank == 0:
-            watts = self.total_joules / trainer.world_size / self.total_seconds
-            print(f"energy: {self.total_joules:.0f} J over {self.total_tokens} tokens = "
-                  f"{self.total_joules / self.total_tokens:.4g} J/token, {watts:.0f} W/GPU",
-                  flush=True)
+    def summary_lines(self, trainer) -> list[str]:
+        """The run's energy, for the end-of-run summary
+        (``callbacks.StepMetrics``)."""
+        if not self.total_tokens:
+            return []
+        watts = self.total_joules / trainer.world_size / self.total_seconds
+        return [f"energy: {self.total_joules:.0f} J over {self.total_tokens} tokens = "
+                f"{self.total_joules / self.total_tokens:.4g} J/token, {watts:.0f} W/GPU"]
 
 
 def _sync() -> None:

@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import sys
-import traceback
 
 import lightning.pytorch as pl
 
@@ -54,11 +53,11 @@ class EndJobOnError(pl.Callback):
     def on_exception(self, trainer, pl_module, exception):
         if trainer.world_size <= 1:
             return
-        lines = traceback.format_exception(exception)
-        print(f"error on rank {trainer.global_rank}: {''.join(lines)}"
-              f"rank {trainer.global_rank} failed: {type(exception).__name__}: {exception}; "
-              "ending the job", file=sys.stderr, flush=True)
+        from coom_nemo import console
+
+        console.report(exception)  # one line naming the rank; traceback in the log
         sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(1)
 
 

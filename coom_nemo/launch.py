@@ -35,6 +35,8 @@ def parse_args(argv, default_size: str, factory=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--dryrun", action="store_true", help="print, launch nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="show framework output too (default: in the run's log file)")
     p.add_argument("--cpu", action="store_true",
                    help="CPU mode (gloo, fp32): for hosts without a GPU")
     p.add_argument("--size", default=default_size, help="model size preset")
@@ -182,9 +184,15 @@ def torchrun(recipe, job_dir: str) -> int:
 def main(factory, default_size: str, argv=None) -> int:
     import nemo_run as run
 
+    from coom_nemo import console
     from coom_nemo.plan import PlanError
 
-    args = parse_args(sys.argv[1:] if argv is None else argv, default_size, factory)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, default_size, factory)
+    except SystemExit:  # --help, or a bad flag: argparse's lines only
+        console.configure(verbose=False)
+        raise
+    console.configure(verbose=args.verbose or args.dryrun)
     try:
         recipe = build(factory, args)
         if args.executor == "local" and not args.dryrun:
@@ -195,13 +203,15 @@ def main(factory, default_size: str, argv=None) -> int:
     name = recipe.log.name
     if args.dryrun:
         print(recipe)
-    if args.executor == "slurm":
-        run.run(recipe, executor=slurm_executor(args, recipe), name=name, dryrun=args.dryrun)
-        return 0
     # One GPU, or CPU mode (Lightning starts the other gloo ranks
     # itself): in this process. Several GPUs: torchrun on this node.
-    if recipe.trainer.accelerator == "cpu" or recipe.trainer.devices == 1:
+    if args.executor == "local" and (recipe.trainer.accelerator == "cpu"
+                                     or recipe.trainer.devices == 1):
         run.run(recipe, name=name, dryrun=args.dryrun, direct=True)
+        return 0
+    console.stop()  # a launcher relays the workers' consoles as they are
+    if args.executor == "slurm":
+        run.run(recipe, executor=slurm_executor(args, recipe), name=name, dryrun=args.dryrun)
         return 0
     if args.dryrun:
         run.run(recipe, executor=run.LocalExecutor(ntasks_per_node=recipe.trainer.devices,

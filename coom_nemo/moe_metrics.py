@@ -7,8 +7,8 @@ batch (all data-parallel ranks and micro-batches), the router's expert
 bias and the tokens dropped at the capacity limit, and logs them to the
 trainer's loggers (TensorBoard, W&B). It also logs the load-balancing
 aux loss and each MTP depth's loss, which megatron-core records but
-NeMo 2.7.3 never reads. At the end of training it prints a per-layer
-summary.
+NeMo 2.7.3 never reads. Its per-layer load over the run is part of the
+end-of-run summary (``summary_lines``).
 
 All ranks take part: one all-reduce per step gathers every pipeline
 stage's layers, so rank 0 logs the whole model.
@@ -220,17 +220,22 @@ class ExpertLoadMetrics(pl.Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        if trainer.global_rank != 0 or not self._steps:
-            return
-        print(f"expert load over {self._steps} steps (max/mean tokens per expert; "
-              "1.00 = balanced):", flush=True)
+
+    def summary_lines(self, trainer) -> list[str]:
+        """Per-layer load over the run, for the end-of-run summary
+        (``callbacks.StepMetrics``)."""
+        if not self._steps:
+            return []
+        lines = [f"expert load over {self._steps} steps (max/mean tokens per expert; "
+                 "1.00 = balanced):"]
         for load in self.summary():
             line = f"  {load.name:>9}: max/mean {load.max_mean:.3f}"
             if load.expert_bias is not None:
                 line += (f" | expert bias [{float(load.expert_bias.min()):+.4f}, "
                          f"{float(load.expert_bias.max()):+.4f}]")
             line += f" | dropped {load.dropped:.0f} ({100 * load.dropped_fraction:.2f}%)"
-            print(line, flush=True)
+            lines.append(line)
+        return lines
 
 
 def _row(name: str, router, layers: int) -> int:

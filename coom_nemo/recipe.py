@@ -23,7 +23,8 @@ from nemo import lightning as nl
 from nemo.collections.llm.recipes.precision import mixed_precision
 from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
-from coom_nemo.callbacks import StepMetrics
+from coom_nemo import console
+from coom_nemo.callbacks import ModelCheckpoint, StepMetrics
 from coom_nemo.energy import EnergyMetrics
 from coom_nemo.faults import EndJobOnError
 from coom_nemo.plan import Plan, PlanError, PlanOptions
@@ -234,7 +235,7 @@ def log_config(name: str, dir: str | None, schedule: Schedule,
         log_dir=dir,
         use_datetime_version=False,  # a rerun resumes instead of starting afresh
         ckpt=run.Config(
-            nl.ModelCheckpoint,
+            ModelCheckpoint,
             every_n_train_steps=every,
             save_last=True,
             save_top_k=schedule.save_top_k,
@@ -323,7 +324,7 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
     if check:
         plan = check_recipe(recipe)
         if api.is_rank_zero():
-            print(plan.summary_line(), flush=True)
+            console.plan_line(plan.summary_line())
     return recipe
 
 

@@ -23,14 +23,16 @@ _DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_S
                     "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
-def run_process(args, cwd, timeout=600, env=None):
-    """Run a command; return (returncode, stdout+stderr)."""
+def run_process(args, cwd, timeout=600, env=None, merge=False):
+    """Run a command; return (returncode, stdout+stderr), or with
+    ``merge`` the two interleaved as a terminal shows them."""
     inherited = {k: v for k, v in os.environ.items()
                  if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
     merged = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=merged)
-    return done.returncode, done.stdout + done.stderr
+    done = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                          timeout=timeout, env=merged)
+    return done.returncode, done.stdout + (done.stderr or "")
 
 
 @pytest.fixture

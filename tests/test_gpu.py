@@ -236,5 +236,5 @@ def test_a_raising_rank_ends_the_job(tmp_path):
                                  env={"COOM_INJECT_FAULT": "raise@3:rank1"}, timeout=300)
     record(test="raising_rank", exit_code=code, seconds=round(seconds, 1))
     assert code != 0
-    assert "rank 1 failed: InjectedFaultError" in out, out[-3000:]
+    assert "error [rank 1]: InjectedFaultError" in out, out[-3000:]
     assert seconds < 240, seconds
