@@ -57,6 +57,23 @@ class MockData(llm.MockDataModule):
         self._validation_ds = dataset("valid", self.num_val_samples)
         self._test_ds = dataset("test", self.num_test_samples)
 
+    # NeMo 2.7.3's MockDataModule keeps no data position in checkpoints,
+    # so a resumed run read its samples from the first one again; these
+    # three do as PreTrainingDataModule does (pre_training.py:388,421).
+    def train_dataloader(self):
+        self.data_sampler.init_global_step = self.trainer.global_step
+        return super().train_dataloader()
+
+    def state_dict(self) -> dict:
+        steps = self.trainer.global_step - self.data_sampler.init_global_step
+        return {"consumed_samples": self.data_sampler.compute_consumed_samples(steps)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        consumed = state_dict["consumed_samples"]
+        self.data_sampler.init_consumed_samples = consumed
+        self.data_sampler.prev_consumed_samples = consumed
+        self.data_sampler.if_first_step = 1
+
 
 class InOrderEvalDataset(GPTDataset):
     """GPTDataset whose validation and test splits keep file order.

@@ -25,7 +25,9 @@ from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
 from coom_nemo.callbacks import StepMetrics
 from coom_nemo.energy import EnergyMetrics
+from coom_nemo.guards import RunGuard
 from coom_nemo.plan import Plan, PlanError, PlanOptions
+from coom_nemo.resume import CoomAutoResume, ExactResume
 from coom_nemo.strategy import CoomMegatronStrategy
 from coom_nemo.trainer import Trainer
 
@@ -252,7 +254,7 @@ def resume_config(restore_path: str | None) -> run.Config:
     if restore_path:
         restore = run.Config(nl.RestoreConfig, path=restore_path, load_optim_state=False)
     return run.Config(
-        nl.AutoResume,
+        CoomAutoResume,
         resume_if_exists=True,
         resume_ignore_no_checkpoint=True,
         restore_config=restore,
@@ -280,7 +282,7 @@ def trainer_config(*, layout: Layout, cluster: Cluster, precision: str, schedule
         plugins=PRECISIONS[precision](),
         strategy=strategy_config(layout, precision=precision, cpu=cpu, seed=seed),
         callbacks=[run.Config(StepMetrics, every_n_steps=schedule.log_every_n_steps),
-                   *callbacks],
+                   run.Config(ExactResume), run.Config(RunGuard), *callbacks],
     )
 
 
