@@ -11,6 +11,8 @@ per-step metrics line.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass, field
 
@@ -82,6 +84,9 @@ class Layout:
                 raise ValueError(f"layout: cannot read {part!r} in {text!r}; "
                                  "write e.g. TP2.PP2.CP1.EP1.VP1")
             key, value = names[match[1]], int(match[2])
+            if value < 1 and key != "sp":
+                raise ValueError(f"layout: {part.strip()} in {text!r} is below 1; every "
+                                 "size is 1 or more (TP1 means no tensor parallelism)")
             changes[key] = bool(value) if key == "sp" else value
         if changes.get("vp") == 1:
             changes["vp"] = None
@@ -298,6 +303,8 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
     from coom_nemo import api
 
     extras = extras or Extras()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if cpu and precision.startswith("fp8"):
         raise PlanError("precision", f"{precision} needs TransformerEngine on a GPU; CPU mode "
                         "trains in fp32", "drop the precision setting or cpu=True")
@@ -321,11 +328,26 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
         optim=optim_config(optim, precision=precision),
         plan=run.Config(PlanOptions, model_name=name, gpu_memory_gb=cluster.gpu_memory_gb),
     )
-    if check:
+    if check and not _DEFER_CHECK.get():
         plan = check_recipe(recipe)
         if api.is_rank_zero():
             print(plan.summary_line(), flush=True)
     return recipe
+
+
+# Set while a launcher builds a recipe it will override, then check.
+_DEFER_CHECK = contextvars.ContextVar("coom_defer_plan_check", default=False)
+
+
+@contextlib.contextmanager
+def plan_check_deferred():
+    """Factories called inside skip their plan check: the caller runs
+    :func:`check_recipe` once, on the recipe as finally overridden."""
+    token = _DEFER_CHECK.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_CHECK.reset(token)
 
 
 def finetune_recipe(*, restore_path: str, peft: run.Config | None = None,

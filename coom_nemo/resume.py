@@ -56,6 +56,12 @@ class ExactResume(pl.Callback):
         for progress in (total, loop.batch_progress.current):
             progress.completed = progress.processed
         loop._batches_that_stepped = trainer.global_step
+        if trainer.checkpoint_callback is not None:
+            # This step's checkpoint is the one resumed from; else the
+            # restart validation saves another -last of it, with
+            # consumed_samples=0 in its name (model_checkpoint.py
+            # on_validation_end in Lightning).
+            trainer.checkpoint_callback._last_global_step_saved = trainer.global_step
 
     def on_validation_start(self, trainer, pl_module):
         if self._resumed and trainer.fit_loop.epoch_loop.restarting:
