@@ -143,5 +143,6 @@ def diverged_message(error: BaseException, trainer) -> str | None:
 
 
 def _shown(path) -> str:
-    """A checkpoint's folder (Lightning names it ``<folder>.ckpt``)."""
-    return str(path).removesuffix(".ckpt")
+    """A checkpoint's folder (Lightning names it ``<folder>.ckpt``, a
+    resume its ``weights`` subfolder)."""
+    return str(path).removesuffix(".ckpt").removesuffix("/weights")
