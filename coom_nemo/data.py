@@ -59,10 +59,19 @@ class MockData(llm.MockDataModule):
 
     # NeMo 2.7.3's MockDataModule keeps no data position in checkpoints,
     # so a resumed run read its samples from the first one again; these
-    # three do as PreTrainingDataModule does (pre_training.py:388,421).
+    # do as PreTrainingDataModule does (pre_training.py:388,421).
     def train_dataloader(self):
         self.data_sampler.init_global_step = self.trainer.global_step
         return super().train_dataloader()
+
+    # Evaluation reads from its first sample, not from the training
+    # position: NeMo's sampler tells them apart by this attribute
+    # (data_sampler.py:95), which only WrappedDataLoader has.
+    def val_dataloader(self):
+        return _with_mode(super().val_dataloader(), "validation")
+
+    def test_dataloader(self):
+        return _with_mode(super().test_dataloader(), "test")
 
     def state_dict(self) -> dict:
         steps = self.trainer.global_step - self.data_sampler.init_global_step
@@ -73,6 +82,11 @@ class MockData(llm.MockDataModule):
         self.data_sampler.init_consumed_samples = consumed
         self.data_sampler.prev_consumed_samples = consumed
         self.data_sampler.if_first_step = 1
+
+
+def _with_mode(loader, mode: str):
+    loader.mode = mode
+    return loader
 
 
 class InOrderEvalDataset(GPTDataset):
