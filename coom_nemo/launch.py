@@ -131,13 +131,14 @@ def check_overrides(recipe, overrides) -> None:
     import fiddle as fdl
 
     for override in overrides:
-        key = re.split(r"[+\-*/]?=", override, maxsplit=1)[0]
         if "=" not in override:
             raise ValueError(f"override {override!r}: write key=value, e.g. trainer.max_steps=10")
+        key = re.split(r"[+\-*/]?=", override, maxsplit=1)[0]
         node, seen = recipe, []
         for part in key.split("."):
             if not isinstance(node, fdl.Buildable) or _takes_any(node):
                 break
+            part, indexed = part.split("[")[0], "[" in part  # callbacks[0]: checked no deeper
             names = _field_names(node)
             if part not in names:
                 where = ".".join(seen) or "the recipe"
@@ -146,7 +147,7 @@ def check_overrides(recipe, overrides) -> None:
                         else f"its fields: {', '.join(sorted(names))}")
                 raise ValueError(f"override {override!r}: {where} has no field {part!r}; {hint}")
             seen.append(part)
-            node = getattr(node, part, None)
+            node = None if indexed else getattr(node, part, None)
 
 
 def _field_names(node) -> list[str]:
