@@ -56,6 +56,10 @@ class ExactResume(pl.Callback):
         for progress in (total, loop.batch_progress.current):
             progress.completed = progress.processed
         loop._batches_that_stepped = trainer.global_step
+        # The restored validation progress is the last validation's:
+        # restarting from it would begin at its next batch
+        # (evaluation_loop.py reset), not at the first.
+        loop.val_loop.restarting = False
         if trainer.checkpoint_callback is not None:
             # This step's checkpoint is the one resumed from; else the
             # restart validation saves another -last of it, with
