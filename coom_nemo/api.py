@@ -1,4 +1,5 @@
-"""``pretrain`` and ``finetune``: the plan check, then NeMo's."""
+"""``pretrain`` and ``finetune``: the plan and run-folder checks, then
+NeMo's, with a clean end on SIGTERM and one line on divergence."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 from nemo.collections import llm
 
 from coom_nemo import console
+from coom_nemo.guards import RunStoppedError, diverged_message
 from coom_nemo.plan import Plan, PlanOptions
+from coom_nemo.resume import check_run_folder, run_folder
 
 
 def is_rank_zero() -> bool:
@@ -17,30 +20,49 @@ def is_rank_zero() -> bool:
 
 def pretrain(model, data, trainer, log=None, resume=None, optim=None,
              plan: PlanOptions | None = None) -> Path:
-    """``llm.pretrain`` behind the plan check.
+    """``llm.pretrain`` behind the plan and run-folder checks.
 
-    The check runs on the objects as built, after every CLI override,
-    and before any process group starts; a bad layout or batch size
-    fails with one line naming the field. The run's console is
-    :mod:`coom_nemo.console`'s (framework output to the run's log).
+    The checks run on the objects as built, after every CLI override,
+    and before any process group starts or anything is written; a bad
+    layout, batch size or run folder fails with one line naming the
+    field. The run's console is :mod:`coom_nemo.console`'s (framework
+    output to the run's log).
     """
     with console.session():
-        _check(model, data, trainer, optim, plan)
-        return llm.pretrain(model=model, data=data, trainer=trainer, log=log, resume=resume,
-                            optim=optim)
+        _check(model, data, trainer, optim, plan, log, resume)
+        return _train(llm.pretrain, model=model, data=data, trainer=trainer, log=log,
+                      resume=resume, optim=optim)
 
 
 def finetune(model, data, trainer, log=None, resume=None, optim=None,
              plan: PlanOptions | None = None, peft=None) -> Path:
     """``llm.finetune`` (full, or PEFT such as LoRA) behind the same
-    plan check as :func:`pretrain`."""
+    checks as :func:`pretrain`."""
     with console.session():
-        _check(model, data, trainer, optim, plan)
-        return llm.finetune(model=model, data=data, trainer=trainer, log=log, resume=resume,
-                            optim=optim, peft=peft)
+        _check(model, data, trainer, optim, plan, log, resume)
+        return _train(llm.finetune, model=model, data=data, trainer=trainer, log=log,
+                      resume=resume, optim=optim, peft=peft)
 
 
-def _check(model, data, trainer, optim, plan) -> None:
+def _check(model, data, trainer, optim, plan, log, resume) -> None:
     checked = Plan.from_parts(model, data, trainer, optim, plan).check()
+    check_run_folder(model, log, resume)
     if is_rank_zero():
         console.plan_line(checked.summary_line(), repeat=False)
+
+
+def _train(train, trainer, log, **kwargs):
+    """Run ``train``; a SIGTERM stop returns normally (exit 0), a
+    diverged loss raises :class:`RunStoppedError` with one line."""
+    try:
+        return train(trainer=trainer, log=log, **kwargs)
+    except RunStoppedError as stop:
+        if not stop.clean:
+            raise
+        console.info(str(stop))
+        return run_folder(log) if log is not None else None
+    except RuntimeError as error:
+        message = diverged_message(error, trainer)
+        if message is None:
+            raise
+        raise RunStoppedError(message, clean=False) from None

@@ -57,6 +57,37 @@ class MockData(llm.MockDataModule):
         self._validation_ds = dataset("valid", self.num_val_samples)
         self._test_ds = dataset("test", self.num_test_samples)
 
+    # NeMo 2.7.3's MockDataModule keeps no data position in checkpoints,
+    # so a resumed run read its samples from the first one again; these
+    # do as PreTrainingDataModule does (pre_training.py:388,421).
+    def train_dataloader(self):
+        self.data_sampler.init_global_step = self.trainer.global_step
+        return super().train_dataloader()
+
+    # Evaluation reads from its first sample, not from the training
+    # position: NeMo's sampler tells them apart by this attribute
+    # (data_sampler.py:95), which only WrappedDataLoader has.
+    def val_dataloader(self):
+        return _with_mode(super().val_dataloader(), "validation")
+
+    def test_dataloader(self):
+        return _with_mode(super().test_dataloader(), "test")
+
+    def state_dict(self) -> dict:
+        steps = self.trainer.global_step - self.data_sampler.init_global_step
+        return {"consumed_samples": self.data_sampler.compute_consumed_samples(steps)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        consumed = state_dict["consumed_samples"]
+        self.data_sampler.init_consumed_samples = consumed
+        self.data_sampler.prev_consumed_samples = consumed
+        self.data_sampler.if_first_step = 1
+
+
+def _with_mode(loader, mode: str):
+    loader.mode = mode
+    return loader
+
 
 class InOrderEvalDataset(GPTDataset):
     """GPTDataset whose validation and test splits keep file order.
@@ -117,8 +148,8 @@ def mock_data(tokenizer: run.Config, seq_length: int, global_batch_size: int,
 
 
 def check_prefixes(prefixes, field: str) -> None:
-    """Each Megatron dataset prefix must have its ``.bin`` and
-    ``.idx``."""
+    """Each Megatron dataset prefix must have its ``.bin`` and a
+    ``.idx`` that describes it (:func:`check_indexed`)."""
     for prefix in prefixes:
         missing = [s for s in (".bin", ".idx") if not Path(f"{prefix}{s}").is_file()]
         if missing:
@@ -126,6 +157,60 @@ def check_prefixes(prefixes, field: str) -> None:
                 f"{field}: {prefix}{missing[0]} does not exist; run data_prep to build "
                 "the indexed dataset or fix the path (give the prefix without .bin/.idx)"
             )
+        check_indexed(prefix, field)
+
+
+# megatron/core/datasets/indexed_dataset.py: _INDEX_HEADER and DType
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
+def check_indexed(prefix, field: str) -> None:
+    """Refuse a ``.bin`` that its ``.idx`` does not describe (a copy
+    cut short, a file of another dataset), naming the file, before a
+    run starts: megatron-core reads past the end in the first step.
+
+    Reads the index header and its last entries only (indexed_dataset.py
+    _IndexReader: header, version, dtype code, sequence and document
+    counts, int32 lengths, int64 byte pointers, int64 document starts).
+    """
+    import struct
+
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    fix = "rebuild it with data_prep, or copy it again"
+
+    def refuse(problem: str):
+        raise ValueError(f"{field}: {problem}; {fix}")
+
+    with open(idx, "rb") as stream:
+        head = stream.read(34)
+        if len(head) < 34 or head[:9] != _INDEX_HEADER:
+            refuse(f"{idx} is not a Megatron index (no MMIDIDX header)")
+        code = head[17]
+        sequences, documents = struct.unpack("<QQ", head[18:34])
+        if code not in _DTYPE_SIZES:
+            refuse(f"{idx} names token dtype code {code}, not one of megatron-core's")
+        need = 34 + sequences * 12 + documents * 8
+        if idx.stat().st_size < need:
+            refuse(f"{idx} is {idx.stat().st_size} bytes, its header ({sequences} sequences, "
+                   f"{documents} documents) needs {need}")
+        if not sequences:
+            refuse(f"{idx} indexes no sequences")
+        stream.seek(34 + (sequences - 1) * 4)
+        (length,) = struct.unpack("<i", stream.read(4))
+        stream.seek(34 + sequences * 4 + (sequences - 1) * 8)
+        (pointer,) = struct.unpack("<q", stream.read(8))
+        stream.seek(34 + sequences * 12)
+        first = struct.unpack("<q", stream.read(8))[0]
+        stream.seek(34 + sequences * 12 + (documents - 1) * 8)
+        last = struct.unpack("<q", stream.read(8))[0]
+    if first != 0 or last != sequences:
+        refuse(f"{idx}: its document starts run from {first} to {last}, not from 0 to its "
+               f"{sequences} sequences")
+    expected = pointer + length * _DTYPE_SIZES[code]
+    if bin_.stat().st_size != expected:
+        refuse(f"{bin_} is {bin_.stat().st_size} bytes, but {idx.name} indexes {expected} "
+               f"({sequences} sequences of {_DTYPE_SIZES[code]}-byte tokens)")
 
 
 def indexed_data(paths, tokenizer: run.Config, seq_length: int, global_batch_size: int,

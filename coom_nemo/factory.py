@@ -50,9 +50,26 @@ def launch_arguments(size: str, exclude: tuple[str, ...] = ()):
         def factory(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            check_launch_arguments(bound.arguments)
             return fn(**bound.arguments)
 
         factory.__signature__ = signature
         return factory
 
     return decorate
+
+
+# Counts that must be 1 or more when given; flags as recipes/*.py
+# spells them.
+COUNTS = {"num_nodes": "--nodes", "gpus_per_node": "--gpus-per-node",
+          "global_batch_size": "--gbs", "micro_batch_size": "--mbs",
+          "seq_length": "--seq-length", "max_steps": "--max-steps"}
+
+
+def check_launch_arguments(arguments: dict) -> None:
+    """One line for a launch argument that cannot work, before the
+    recipe is built (``max_steps=0`` would run the whole schedule)."""
+    for name, flag in COUNTS.items():
+        value = arguments.get(name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: is {value}; use 1 or more ({flag})")

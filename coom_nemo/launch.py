@@ -105,19 +105,62 @@ def build(factory, args: argparse.Namespace):
     checked."""
     from nemo_run.cli.cli_parser import parse_cli_args
 
-    from coom_nemo.recipe import check_recipe
+    from coom_nemo.api import is_rank_zero
+    from coom_nemo.recipe import check_recipe, plan_check_deferred
 
-    recipe = factory(
-        dir=args.dir, name=args.name, size=args.size, num_nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, global_batch_size=args.gbs,
-        micro_batch_size=args.mbs, seq_length=args.seq_length, max_steps=args.max_steps,
-        precision=args.precision, layout=args.layout, data_paths=args.data,
-        tokenizer=args.tokenizer, cpu=args.cpu, **factory_kwargs(args, factory),
-    )
+    with plan_check_deferred():  # checked once below, overrides applied
+        recipe = factory(
+            dir=args.dir, name=args.name, size=args.size, num_nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, global_batch_size=args.gbs,
+            micro_batch_size=args.mbs, seq_length=args.seq_length, max_steps=args.max_steps,
+            precision=args.precision, layout=args.layout, data_paths=args.data,
+            tokenizer=args.tokenizer, cpu=args.cpu, **factory_kwargs(args, factory),
+        )
     if args.overrides:
+        check_overrides(recipe, args.overrides)
         parse_cli_args(recipe, args.overrides, recipe)
-        check_recipe(recipe)
+    plan = check_recipe(recipe)
+    if is_rank_zero():
+        print(plan.summary_line(), flush=True)
     return recipe
+
+
+def check_overrides(recipe, overrides) -> None:
+    """Each ``key=value`` must name a field of the recipe; a typo gets
+    one line with the closest names."""
+    import difflib
+    import re
+
+    import fiddle as fdl
+
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r}: write key=value, e.g. trainer.max_steps=10")
+        key = re.split(r"[+\-*/]?=", override, maxsplit=1)[0]
+        node, seen = recipe, []
+        for part in key.split("."):
+            if not isinstance(node, fdl.Buildable) or _takes_any(node):
+                break
+            part, indexed = part.split("[")[0], "[" in part  # callbacks[0]: checked no deeper
+            names = _field_names(node)
+            if part not in names:
+                where = ".".join(seen) or "the recipe"
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = (f"did you mean {'.'.join([*seen, close[0]])}?" if close
+                        else f"its fields: {', '.join(sorted(names))}")
+                raise ValueError(f"override {override!r}: {where} has no field {part!r}; {hint}")
+            seen.append(part)
+            node = None if indexed else getattr(node, part, None)
+
+
+def _field_names(node) -> list[str]:
+    params = inspect.signature(node.__fn_or_cls__).parameters
+    return sorted(set(node.__arguments__) | set(params) - {"self"})
+
+
+def _takes_any(node) -> bool:
+    params = inspect.signature(node.__fn_or_cls__).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def check_this_host(recipe) -> None:
@@ -185,6 +228,7 @@ def main(factory, default_size: str, argv=None) -> int:
     import nemo_run as run
 
     from coom_nemo import console
+    from coom_nemo.guards import RunStoppedError
     from coom_nemo.plan import PlanError
 
     try:
@@ -207,7 +251,14 @@ def main(factory, default_size: str, argv=None) -> int:
     # itself): in this process. Several GPUs: torchrun on this node.
     if args.executor == "local" and (recipe.trainer.accelerator == "cpu"
                                      or recipe.trainer.devices == 1):
-        run.run(recipe, name=name, dryrun=args.dryrun, direct=True)
+        try:
+            run.run(recipe, name=name, dryrun=args.dryrun, direct=True)
+        except PlanError as error:  # the run-folder check (coom_nemo.api)
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except RunStoppedError as error:  # a diverged loss (coom_nemo.guards)
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         return 0
     console.stop()  # a launcher relays the workers' consoles as they are
     if args.executor == "slurm":

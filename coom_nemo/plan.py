@@ -160,6 +160,14 @@ class Plan:
                             ("trainer.devices", self.gpus_per_node)):
             if value < 1:
                 raise PlanError(name, f"is {value}", "use 1 or more")
+        if self.world_size % self.model_parallel and self.cpu:
+            # CPU mode is one node: its process count is the knob
+            raise PlanError(
+                "trainer.devices",
+                f"{self.gpus_per_node} CPU processes are not a multiple of TP*PP*CP = "
+                f"{self.model_parallel}",
+                f"use --gpus-per-node (gpus_per_node=) {self.model_parallel} or a multiple, "
+                "or change the layout")
         if self.world_size % self.model_parallel:
             raise PlanError(
                 "trainer.num_nodes",

@@ -11,6 +11,8 @@ per-step metrics line.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass, field
 
@@ -27,7 +29,9 @@ from coom_nemo import console
 from coom_nemo.callbacks import ModelCheckpoint, StepMetrics
 from coom_nemo.energy import EnergyMetrics
 from coom_nemo.faults import EndJobOnError
+from coom_nemo.guards import RunGuard
 from coom_nemo.plan import Plan, PlanError, PlanOptions
+from coom_nemo.resume import CoomAutoResume, ExactResume
 from coom_nemo.strategy import CoomMegatronStrategy
 from coom_nemo.trainer import Trainer
 
@@ -82,6 +86,9 @@ class Layout:
                 raise ValueError(f"layout: cannot read {part!r} in {text!r}; "
                                  "write e.g. TP2.PP2.CP1.EP1.VP1")
             key, value = names[match[1]], int(match[2])
+            if value < 1 and key != "sp":
+                raise ValueError(f"layout: {part.strip()} in {text!r} is below 1; every "
+                                 "size is 1 or more (TP1 means no tensor parallelism)")
             changes[key] = bool(value) if key == "sp" else value
         if changes.get("vp") == 1:
             changes["vp"] = None
@@ -254,7 +261,7 @@ def resume_config(restore_path: str | None) -> run.Config:
     if restore_path:
         restore = run.Config(nl.RestoreConfig, path=restore_path, load_optim_state=False)
     return run.Config(
-        nl.AutoResume,
+        CoomAutoResume,
         resume_if_exists=True,
         resume_ignore_no_checkpoint=True,
         restore_config=restore,
@@ -282,7 +289,8 @@ def trainer_config(*, layout: Layout, cluster: Cluster, precision: str, schedule
         plugins=PRECISIONS[precision](),
         strategy=strategy_config(layout, precision=precision, cpu=cpu, seed=seed),
         callbacks=[run.Config(StepMetrics, every_n_steps=schedule.log_every_n_steps),
-                   run.Config(EndJobOnError), *callbacks],
+                   run.Config(ExactResume), run.Config(RunGuard), run.Config(EndJobOnError),
+                   *callbacks],
     )
 
 
@@ -298,6 +306,8 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
     from coom_nemo import api
 
     extras = extras or Extras()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if cpu and precision.startswith("fp8"):
         raise PlanError("precision", f"{precision} needs TransformerEngine on a GPU; CPU mode "
                         "trains in fp32", "drop the precision setting or cpu=True")
@@ -321,11 +331,26 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
         optim=optim_config(optim, precision=precision),
         plan=run.Config(PlanOptions, model_name=name, gpu_memory_gb=cluster.gpu_memory_gb),
     )
-    if check:
+    if check and not _DEFER_CHECK.get():
         plan = check_recipe(recipe)
         if api.is_rank_zero():
             console.plan_line(plan.summary_line())
     return recipe
+
+
+# Set while a launcher builds a recipe it will override, then check.
+_DEFER_CHECK = contextvars.ContextVar("coom_defer_plan_check", default=False)
+
+
+@contextlib.contextmanager
+def plan_check_deferred():
+    """Factories called inside skip their plan check: the caller runs
+    :func:`check_recipe` once, on the recipe as finally overridden."""
+    token = _DEFER_CHECK.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_CHECK.reset(token)
 
 
 def finetune_recipe(*, restore_path: str, peft: run.Config | None = None,

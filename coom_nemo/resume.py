@@ -1,0 +1,204 @@
+"""Resuming a run exactly, from the right checkpoint, in the right
+folder.
+
+- :class:`ExactResume` keeps validation, checkpoints and logged steps
+  on the steps an uninterrupted run uses after a resume.
+- :class:`CoomAutoResume` resumes from the newest complete checkpoint,
+  whatever its name; NeMo only looks at ``*-last`` ones.
+- :func:`check_run_folder` refuses, before anything is built or
+  written, a run folder whose checkpoint holds another model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+from nemo import lightning as nl
+
+from coom_nemo.plan import PlanError
+
+UNFINISHED = "-unfinished"  # NeMo's marker suffix (model_checkpoint.py:75)
+
+
+class ExactResume(pl.Callback):
+    """Realigns Lightning's loop counters with the step on resume.
+
+    Checkpoints are saved from ``on_train_batch_end``, before Lightning
+    counts the batch as completed and before that step's validation
+    (training_epoch_loop.py:276-304). On restore Lightning rewinds its
+    batch counter to the completed count, one behind the global step,
+    so every later validation ran one step late, the last was skipped
+    and the logged x-axis repeated a step. Here the batch counter is set
+    to the step, and a checkpoint saved before its step's validation
+    validates that step first (the uninterrupted run did it after
+    saving); the logger step follows.
+    """
+
+    def __init__(self):
+        self._resumed = False
+
+    def on_train_start(self, trainer, pl_module):
+        loop = trainer.fit_loop.epoch_loop
+        self._resumed = loop.restarting and trainer.global_step > 0
+        if not self._resumed:
+            return
+        total = loop.batch_progress.total
+        # Saved inside on_train_batch_end: this step's validation (when
+        # due) had not run. NeMo's loop skips validation on every
+        # restart (nemo/lightning/pytorch/trainer.py:36).
+        pending = total.completed < total.processed
+        if hasattr(loop, "skip_val_on_restart"):
+            loop.skip_val_on_restart = not pending
+        for progress in (total, loop.batch_progress.current):
+            progress.completed = progress.processed
+        loop._batches_that_stepped = trainer.global_step
+        # The restored validation progress is the last validation's:
+        # restarting from it would begin at its next batch
+        # (evaluation_loop.py reset), not at the first.
+        loop.val_loop.restarting = False
+        if trainer.checkpoint_callback is not None:
+            # This step's checkpoint is the one resumed from; else the
+            # restart validation saves another -last of it, with
+            # consumed_samples=0 in its name (model_checkpoint.py
+            # on_validation_end in Lightning).
+            trainer.checkpoint_callback._last_global_step_saved = trainer.global_step
+
+    def on_validation_start(self, trainer, pl_module):
+        if self._resumed and trainer.fit_loop.epoch_loop.restarting:
+            # Lightning's restart path validates without training and
+            # then counts a stepped batch (training_epoch_loop.py:302):
+            # log this validation at the step the checkpoint was saved.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step - 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._resumed = False
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = re.search(r"step=(\d+)", path.name)
+    return int(match[1]) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder NeMo finished writing: its ``-unfinished``
+    marker (set before the first byte, removed after the last,
+    model_checkpoint.py:584,672) is gone and its metadata is there."""
+    if Path(f"{path}{UNFINISHED}").exists():
+        return False
+    weights = path / "weights" if (path / "weights").is_dir() else path
+    return (weights / "metadata.json").is_file()
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint of the highest step in
+    ``checkpoint_dir`` (``-last`` or not), or None."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [(checkpoint_step(p), p.name.endswith("-last"), p) for p in checkpoint_dir.iterdir()
+             if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
+    return max(found)[2] if found else None
+
+
+@dataclass(kw_only=True)
+class CoomAutoResume(nl.AutoResume):
+    """``nl.AutoResume`` that resumes from :func:`latest_checkpoint`.
+
+    NeMo's picks among ``*-last`` checkpoints only, and refuses to start
+    when the newest ``-last`` was being written as the process died
+    (resume.py:225), though the periodic checkpoint of that step,
+    written just before it, is complete.
+    """
+
+    def _find_trainer_ckpt_path(self) -> Path | None:
+        from nemo.utils.app_state import AppState
+
+        log_dir = AppState().log_dir
+        directory = self.resume_from_directory or (log_dir and Path(log_dir) / "checkpoints")
+        return latest_checkpoint(Path(directory)) if directory else None
+
+
+def run_folder(log) -> Path:
+    """Where a built ``NeMoLogger`` will write (nemo_logger.py:129-151;
+    the version variable: nemo/constants.py:18)."""
+    if log.explicit_log_dir:
+        return Path(log.explicit_log_dir)
+    version = log.version or os.environ.get("NEMO_EXPM_VERSION") or ""
+    base = Path(log.log_dir) if log.log_dir else Path.cwd() / "nemo_experiments"
+    return base / (log.name or "default") / version
+
+
+def checkpoint_dir(log, resume) -> Path | None:
+    if resume is not None and resume.resume_from_directory:
+        return Path(resume.resume_from_directory)
+    if log is None:
+        return None
+    dirpath = getattr(log.ckpt, "dirpath", None) if log.ckpt is not None else None
+    return Path(dirpath) if dirpath else run_folder(log) / "checkpoints"
+
+
+# Fields that decide the weights' shapes and meaning, whatever the
+# layout, precision or node (fusions differ per node).
+ARCHITECTURE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "gated_linear_unit", "add_bias_linear", "add_qkv_bias",
+    "normalization", "qk_layernorm", "share_embeddings_and_output_weights",
+    "position_embedding_type", "num_moe_experts", "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_layer_freq",
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+    "qk_pos_emb_head_dim", "v_head_dim", "mtp_num_layers", "attention_gate",
+)
+
+
+def saved_model(checkpoint: Path) -> dict | None:
+    """The model section of a checkpoint's ``context/model.yaml``."""
+    import yaml
+
+    context = checkpoint / "context" / "model.yaml"
+    if not context.is_file():
+        return None
+    return yaml.safe_load(context.read_text())
+
+
+def model_differences(saved: dict, model) -> list[str]:
+    """``field=saved vs built`` for each architecture difference."""
+    def name(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    config = model.config
+    pairs = [("model", saved.get("_target_"), name(type(model))),
+             ("config", saved["config"].get("_target_"), name(type(config)))]
+    for field in ARCHITECTURE:
+        # None in model.yaml: unset, derived in __post_init__
+        if saved["config"].get(field) is not None and hasattr(config, field):
+            built = getattr(config, field)
+            pairs.append((field, saved["config"][field], list(built) if isinstance(
+                built, tuple) else built))
+    return [f"{field}={old} vs {new}" for field, old, new in pairs if old != new]
+
+
+def check_run_folder(model, log, resume) -> Path | None:
+    """Refuse to resume a checkpoint of another model, in one line.
+
+    Returns the checkpoint a resume will start from (None: a new run).
+    Runs before the trainer, logger or model is set up, so a refused
+    run leaves the folder as it was.
+    """
+    if resume is None or not resume.resume_if_exists or resume.resume_from_path:
+        return None
+    directory = checkpoint_dir(log, resume)
+    checkpoint = latest_checkpoint(directory) if directory else None
+    saved = saved_model(checkpoint) if checkpoint else None
+    if saved is None:
+        return checkpoint
+    differences = model_differences(saved, model)
+    if differences:
+        raise PlanError(
+            "log.log_dir", f"{directory.parent} holds a run of another model (checkpoint "
+            f"{checkpoint.name} vs this recipe: {', '.join(differences)})",
+            "give this run another --dir or --name (name=, dir=), or start from that "
+            "checkpoint's weights with restore_path in a new folder")
+    return checkpoint

@@ -1,0 +1,171 @@
+"""Fault injection on the debug Llama recipe (CPU): kill -9 during a
+checkpoint write and mid-run, SIGTERM, a NaN, a run folder of another
+model. The interrupted run, resumed each time, must log what an
+uninterrupted run logs: every metric at every step (atol 0: the math is
+deterministic), validation on the same steps, the same checkpoints.
+
+One reference run and one interrupted chain serve every test:
+
+A  subprocess: SIGKILL while step 8's ``-last`` checkpoint is written
+B  in-process: resumes from step 8's periodic checkpoint, SIGTERM at 11
+C  subprocess: resumes from step 11, SIGKILL as step 19 starts
+D  in-process: resumes from step 16, trains to 24
+"""
+
+import os
+import signal
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import fiddle as fdl
+import pytest
+from conftest import _DISTRIBUTED_ENV, PYTHON
+from fault_run import recipe
+
+from coom_nemo.guards import RunGuard, RunStoppedError
+from coom_nemo.plan import PlanError
+
+STEPS = 24
+TIMING = {"tokens_per_sec", "step_time_s", "model_tflops_per_gpu"}
+HERE = Path(__file__).parent
+
+
+def train(directory, max_steps=STEPS, fault="none", step=0, **kwargs):
+    return fdl.build(recipe(str(directory), max_steps, fault, step, **kwargs))()
+
+
+def train_until_killed(directory, fault: str, step: int) -> int:
+    """A run in its own process group, killed by its fault; its helper
+    processes (checkpoint writers) go with it."""
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    with open(Path(directory) / f"{fault}.log", "w") as log:
+        process = subprocess.Popen(
+            [PYTHON, str(HERE / "fault_run.py"), str(directory), str(STEPS), fault, str(step)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        code = process.wait(timeout=600)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return code
+
+
+def checkpoints(directory) -> list[str]:
+    return sorted(p.name for p in (Path(directory) / "llama31_debug" / "checkpoints").iterdir())
+
+
+def snapshot(directory) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def scalars(directory) -> dict:
+    """tag -> logged step -> every value logged there (all runs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = defaultdict(lambda: defaultdict(list))
+    for events in sorted(Path(directory).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in set(accumulator.Tags()["scalars"]) - TIMING:
+            for event in accumulator.Scalars(tag):
+                found[tag][event.step].append(event.value)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("reference")
+    train(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chain")
+    seen = {"A": train_until_killed(directory, "kill-in-save", 8)}
+    seen["after A"] = checkpoints(directory)
+    seen["B"] = train(directory, fault="sigterm", step=11)
+    seen["after B"] = checkpoints(directory)
+    seen["C"] = train_until_killed(directory, "kill", 19)
+    seen["after C"] = checkpoints(directory)
+    train(directory)
+    return directory, seen
+
+
+def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(reference, chain):
+    directory, seen = chain
+    assert seen["A"] == seen["C"] == -signal.SIGKILL
+    assert checkpoints(directory) == checkpoints(reference)
+    ours, theirs = scalars(directory), scalars(reference)
+    assert set(ours) == set(theirs) and "val_loss" in ours and "grad_norm" in ours
+    # x-axis: step - 1; validation at 8, 16 and 24 (the last one too)
+    assert sorted(theirs["val_loss"]) == [7, 15, 23]
+    for tag, by_step in theirs.items():
+        assert set(ours[tag]) <= set(by_step), tag
+        # Step 8's training metrics are logged after its checkpoint, by
+        # the process killed while writing it: lost, as the README says.
+        assert set(by_step) - set(ours[tag]) <= {7}, tag
+        for step, values in ours[tag].items():
+            # a step run twice (resumed before its validation) logs the
+            # same value twice
+            assert set(values) == set(by_step[step]), (tag, step, values, by_step[step])
+    assert set(theirs["reduced_train_loss"]) - set(ours["reduced_train_loss"]) == {7}
+
+
+def test_a_checkpoint_cut_short_is_never_resumed_from(chain):
+    _, seen = chain
+    # A died writing step 8's -last: NeMo's resume refuses such a
+    # folder; here B resumed from step 8's complete periodic checkpoint
+    assert "step=7-consumed_samples=64.0-last-unfinished" in seen["after A"]
+    assert not any(name.endswith("-unfinished") for name in seen["after B"])
+
+
+def test_sigterm_saves_the_step_and_returns_cleanly(chain):
+    _, seen = chain
+    assert seen["B"] is not None  # returned: the launch exits 0
+    assert "step=10-consumed_samples=88.0-last" in seen["after B"]  # step 11
+
+
+def test_nan_stops_with_the_step_named_and_keeps_the_last_checkpoint(chain):
+    directory, _ = chain
+    before = snapshot(directory / "llama31_debug" / "checkpoints")
+    with pytest.raises(RunStoppedError, match=r"^training stopped at step 26: NaN in the "
+                       r"gradients .*the last good checkpoint is .*step=23-consumed_samples="
+                       r"192.0-last"):
+        train(directory, max_steps=28, fault="nan", step=26)
+    assert snapshot(directory / "llama31_debug" / "checkpoints") == before
+
+
+def test_a_folder_of_another_model_is_refused_untouched(reference):
+    before = snapshot(reference)
+    built = fdl.build(recipe(str(reference), STEPS + 1, tokenizer="null:2048"))
+    with pytest.raises(PlanError) as error:
+        built()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("log.log_dir: ")
+    assert "vocab_size=1024 vs 2048" in message and "another --dir or --name" in message
+    assert snapshot(reference) == before
+
+
+def test_another_family_in_the_folder_is_refused(reference):
+    from coom_nemo.recipes import deepseek
+
+    before = snapshot(reference)
+    built = fdl.build(deepseek.pretrain_recipe(size="debug", cpu=True, dir=str(reference),
+                                               name="llama31_debug"))
+    with pytest.raises(PlanError, match="model=nemo.collections.llm.gpt.model.llama.LlamaModel "
+                       "vs .*DeepSeek"):
+        built()
+    assert snapshot(reference) == before
+
+
+def test_a_loss_spike_is_named():
+    guard = RunGuard(spike_factor=3.0, window=4)
+    for loss in (2.0, 2.1, 1.9, 2.0):
+        assert guard._judge(loss) is None
+        guard._losses.append(loss)
+    assert guard._judge(5.9) is None
+    assert "loss 6.1 spiked above 3 x the mean 2 of the last 4 steps" == guard._judge(6.1)
+    assert guard._judge(float("nan")) == "loss is nan"
