@@ -12,14 +12,8 @@ is refused in one line.
 import pytest
 import torch
 
-from coom_nemo.models.hf_mapping import MappingError, convert
-from coom_nemo.models.llama_hf import (
-    MAPPINGS,
-    config_from_hf,
-    hf_to_megatron,
-    megatron_state,
-    megatron_to_hf,
-)
+from coom_nemo.models.hf_mapping import MappingError, convert, megatron_state
+from coom_nemo.models.llama_hf import MAPPINGS, config_from_hf, hf_to_megatron, megatron_to_hf
 from coom_nemo.tiny import llama_config, randomize
 
 # fp32 on CPU

@@ -22,6 +22,7 @@ holds one of them, and the row whose names it holds is used.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -159,3 +160,34 @@ def convert(source: dict[str, torch.Tensor], wanted: dict[str, torch.Size],
         raise MappingError(f"{unused[0]}{more}: in the {what} but used by no tensor of the "
                            "target model; its config does not match the checkpoint")
     return made
+
+
+def megatron_core(model):
+    """The megatron-core GPTModel inside a NeMo model (under its
+    precision and DDP wrappers)."""
+    while not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def megatron_state(model) -> dict[str, torch.Tensor]:
+    """Parameters of a megatron-core model by name (TE's FP8
+    ``_extra_state`` entries are not weights)."""
+    return {name: tensor for name, tensor in megatron_core(model).state_dict().items()
+            if not name.endswith("_extra_state")}
+
+
+@contextlib.contextmanager
+def on_this_host():
+    """NeMo's connectors build the model with ``accelerator="cpu"``:
+    on a host without CUDA that needs CPU mode. Afterwards the process
+    groups go, so a later run in this process starts clean."""
+    from coom_nemo import cpu_mode
+    from coom_nemo.strategy import _release_global_state
+
+    host = contextlib.nullcontext() if torch.cuda.is_available() else cpu_mode.cpu_mode()
+    with host:
+        try:
+            yield
+        finally:
+            _release_global_state()

@@ -25,7 +25,15 @@ import torch
 from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, HFLlamaImporter
 from nemo.lightning import io, teardown
 
-from coom_nemo.models.hf_mapping import QKV, GatedMLP, MappingError, convert, direct
+from coom_nemo.models.hf_mapping import (
+    QKV,
+    GatedMLP,
+    MappingError,
+    convert,
+    direct,
+    megatron_state,
+    on_this_host,
+)
 from coom_nemo.models.llama import CoomLlama31Config
 
 log = logging.getLogger(__name__)
@@ -107,21 +115,6 @@ def hf_config_from(cfg, tokenizer=None):
         dtype=cfg.params_dtype, **special)
 
 
-def megatron_core(model):
-    """The megatron-core GPTModel inside a NeMo model (under its
-    precision and DDP wrappers)."""
-    while not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
-def megatron_state(model) -> dict[str, torch.Tensor]:
-    """Parameters of a megatron-core model by name (TE's FP8
-    ``_extra_state`` entries are not weights)."""
-    return {name: tensor for name, tensor in megatron_core(model).state_dict().items()
-            if not name.endswith("_extra_state")}
-
-
 def hf_to_megatron(hf: dict[str, torch.Tensor], model, config) -> None:
     """Fill every parameter of ``model`` (megatron-core, any spec)
     from HF Llama tensors; refuse in one line if one is left on either
@@ -195,6 +188,9 @@ class HFLlama31Exporter(HFLlamaExporter):
         from transformers import AutoModelForCausalLM
 
         source, _ = self.nemo_load(str(self))
+        if any(".adapter." in name for name in megatron_state(source)):
+            raise ValueError("checkpoint: a LoRA run's checkpoint holds its adapters, not "
+                             "the model; export them with export_lora (PEFT format)")
         tensors = megatron_to_hf(source, self.nemo_config)
         model = AutoModelForCausalLM.from_config(self.config)
         model.load_state_dict(tensors, strict=not self.config.tie_word_embeddings, assign=True)
@@ -220,22 +216,6 @@ class HFLlama31Exporter(HFLlamaExporter):
     @cached_property
     def config(self):
         return hf_config_from(self.nemo_config, getattr(self.tokenizer, "tokenizer", None))
-
-
-@contextlib.contextmanager
-def on_this_host():
-    """NeMo's connectors build the model with ``accelerator="cpu"``:
-    on a host without CUDA that needs CPU mode. Afterwards the process
-    groups go, so a later run in this process starts clean."""
-    from coom_nemo import cpu_mode
-    from coom_nemo.strategy import _release_global_state
-
-    host = contextlib.nullcontext() if torch.cuda.is_available() else cpu_mode.cpu_mode()
-    with host:
-        try:
-            yield
-        finally:
-            _release_global_state()
 
 
 def _new_output(output_path, field="output_path") -> Path:
