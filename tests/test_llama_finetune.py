@@ -128,3 +128,18 @@ def test_launch_paths(imported, run_cmd, tmp_path):
                          factory, "--dryrun", "--yes"])
     assert code == 0, out[-3000:]
     assert "model=llama31_debug_lora " in out and "LoRA(" in out
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_full_size_plans_pass_the_plan_check(name, monkeypatch, tmp_path, capsys):
+    """NeMo's layouts for 8B/70B/405B; LoRA's frozen weights need no
+    gradients or Adam state (70B LoRA fits one TP8 node only so)."""
+    from coom_nemo import finetune
+    from coom_nemo.models.llama import llama31_model
+
+    size = name.split("_")[2]
+    monkeypatch.setattr(finetune, "checkpoint_model", lambda path, importer: llama31_model(size))
+    recipe = FACTORIES[name](restore_path="/ckpt",
+                             data_dir=str(write_finetuning_data(tmp_path, chat=True)))
+    assert f"model=llama31_{size}_" in capsys.readouterr().out
+    assert recipe.plan.frozen_weights == name.endswith("_lora")

@@ -49,9 +49,8 @@ GATED_PRESETS = {size: dataclasses.replace(preset, model=gpt_oss_model(size, att
 # TP. Fine-tuning differs from pretraining in layout, batch and
 # optimizer only; the 20b values follow NeMo 2.7.3's gpt_oss_20b
 # finetune_recipe (LoRA at 1e-4, full SFT on EP4 x PP2 at 5e-6). LoRA
-# keeps EP8: the plan check counts gradients and Adam state for every
-# weight, so it refuses NeMo's EP1 (162 GiB estimated) though frozen
-# weights need neither.
+# keeps EP8 (NeMo: EP1, which the plan check also passes now that it
+# counts no gradients or Adam state for frozen weights).
 _20B, _DEBUG = PRESETS["20b"], PRESETS["debug"]
 _FT_20B = Schedule(max_steps=1000, val_check_interval=50)
 _FT_DEBUG = Schedule(max_steps=10, val_check_interval=5, limit_val_batches=1)
