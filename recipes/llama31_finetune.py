@@ -1,7 +1,9 @@
 """Fine-tune an imported Llama 3.1 on local JSONL; see ``--help``.
 
-  python recipes/llama31_finetune.py --method lora --size 8b \
-      --restore-path /ckpt/llama31_8b --data-dir /data/chat
+``--method lora`` (default) or ``sft``; ``--restore-path`` is the
+import's output, ``--data-dir`` holds training.jsonl and
+validation.jsonl. The factories behind it are
+``coom_llama31_<size>_<method>``.
 """
 
 import argparse
