@@ -108,14 +108,21 @@ def build(factory, args: argparse.Namespace):
     from coom_nemo.api import is_rank_zero
     from coom_nemo.recipe import check_recipe, plan_check_deferred
 
+    common = dict(
+        dir=args.dir, name=args.name, size=args.size, num_nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, global_batch_size=args.gbs,
+        micro_batch_size=args.mbs, seq_length=args.seq_length, max_steps=args.max_steps,
+        precision=args.precision, layout=args.layout, data_paths=args.data,
+        tokenizer=args.tokenizer, cpu=args.cpu,
+    )
+    # fine-tuning factories read JSONL and the checkpoint's tokenizer
+    takes = inspect.signature(factory).parameters
+    for name in [n for n in common if n not in takes]:
+        if common.pop(name) is not None:
+            flag = {"data_paths": "data"}.get(name, name)
+            raise ValueError(f"--{flag}: this recipe does not take it; see --help")
     with plan_check_deferred():  # checked once below, overrides applied
-        recipe = factory(
-            dir=args.dir, name=args.name, size=args.size, num_nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node, global_batch_size=args.gbs,
-            micro_batch_size=args.mbs, seq_length=args.seq_length, max_steps=args.max_steps,
-            precision=args.precision, layout=args.layout, data_paths=args.data,
-            tokenizer=args.tokenizer, cpu=args.cpu, **factory_kwargs(args, factory),
-        )
+        recipe = factory(**common, **factory_kwargs(args, factory))
     if args.overrides:
         check_overrides(recipe, args.overrides)
         parse_cli_args(recipe, args.overrides, recipe)

@@ -34,11 +34,14 @@ class PlanOptions:
         gpu_memory_gb: Memory of one GPU; 0 reads it off the local GPU,
             or skips the memory check where there is none.
         check_memory: Refuse plans whose estimate exceeds the GPU.
+        frozen_weights: The model's weights do not train (PEFT, e.g.
+            LoRA): no gradients or Adam state for them.
     """
 
     model_name: str = "model"
     gpu_memory_gb: float = 80.0
     check_memory: bool = True
+    frozen_weights: bool = False
 
 
 def _field(obj, name, default=None):
@@ -76,6 +79,7 @@ class Plan:
     fp32_grads: bool = True  # DDP grad_reduce_in_fp32
     gpu_memory_gb: float = 80.0
     check_memory: bool = True
+    frozen_weights: bool = False  # PEFT: adapters (not counted) train
 
     @property
     def world_size(self) -> int:
@@ -144,6 +148,7 @@ class Plan:
             fp32_grads=bool(_field(ddp, "grad_reduce_in_fp32", True)),
             gpu_memory_gb=options.gpu_memory_gb,
             check_memory=options.check_memory and not cpu,
+            frozen_weights=options.frozen_weights,
         )
 
     def check(self) -> Plan:
@@ -286,6 +291,8 @@ class Plan:
         else:
             weight_bytes, grad_bytes, master_bytes = 2, 4 if self.fp32_grads else 2, 4
         optim_bytes = 8 + master_bytes
+        if self.frozen_weights:  # adapters are a rounding error here
+            grad_bytes = optim_bytes = 0
         if self.distributed_optimizer:
             states = (stage_dense * optim_bytes / (self.dp * self.cp)
                       + stage_expert * optim_bytes / expert_dp)

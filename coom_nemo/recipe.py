@@ -365,9 +365,13 @@ def finetune_recipe(*, restore_path: str, peft: run.Config | None = None,
     from coom_nemo import api
 
     extras = dataclasses.replace(extras or Extras(), restore_path=restore_path)
-    recipe = pretrain_recipe(extras=extras, **pieces)
+    recipe = pretrain_recipe(extras=extras, check=False, **pieces)
     fdl.update_callable(recipe, api.finetune)
     recipe.peft = peft
+    recipe.plan.frozen_weights = peft is not None
+    plan = check_recipe(recipe)
+    if api.is_rank_zero():
+        print(plan.summary_line(), flush=True)
     return recipe
 
 

@@ -1,19 +1,20 @@
 """Convert a local HF Llama 3.1 checkpoint (e.g. the bf16
 meta-llama/Llama-3.1-405B) to the NeMo checkpoint that
 ``recipes/llama31_405b.py --restore-path`` starts from, as the MLPerf
-reference's utils/nemo_convert.py does.
+reference's utils/nemo_convert.py does; the same as
+``recipes/llama31_hf.py import``.
 
 Usage: python recipes/llama31_import_hf.py HF_DIR OUTPUT_DIR
 Nothing is downloaded; OUTPUT_DIR must not exist yet.
 """
 
 import sys
+from pathlib import Path
 
 if __name__ == "__main__":
-    # Imported here, not at the top: checkpoint writers start processes
-    # that re-import this file, and they need none of it.
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    from coom_nemo.models.llama import import_hf_checkpoint
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llama31_hf import main
 
-    print(import_hf_checkpoint(sys.argv[1], sys.argv[2]))
+    sys.exit(main(["import", *sys.argv[1:]]))

@@ -38,3 +38,23 @@ def run_process(args, cwd, timeout=600, env=None, merge=False):
 @pytest.fixture
 def run_cmd(tmp_path):
     return lambda args, **kw: run_process(args, cwd=kw.pop("cwd", tmp_path), **kw)
+
+
+@pytest.fixture
+def model_parallel():
+    """World of one gloo rank, with megatron-core's global state."""
+    import torch
+    from megatron.core import parallel_state
+
+    from coom_nemo import cpu_mode
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    with cpu_mode.cpu_mode():
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            torch.distributed.destroy_process_group()

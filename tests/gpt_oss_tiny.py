@@ -9,40 +9,7 @@ from pathlib import Path
 
 import torch
 
-STORIES = [
-    "Once upon a time there was a little dog named Max. Max liked to run in the park.",
-    "One day a girl called Lily found a red ball. She gave the ball to her friend Tom.",
-    "The sun was warm and the birds sang. Tom and Lily played until it was dark.",
-    "Max was tired after the long walk. He slept under the big green tree.",
-]
-
-
-# Marks the assistant turns ({% generation %}) so that chat fine-tuning
-# counts the loss on them only.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
-    "{{ m['content'] }}<|endoftext|>{% endgeneration %}"
-    "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
-)
-
-
-def make_tokenizer(directory: Path, vocab_size: int = 384):
-    """Byte-level BPE trained on STORIES, with a chat template, saved in
-    HF form."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(STORIES * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(directory)
-    return fast
+from coom_nemo.tiny import make_tokenizer, write_finetuning_data  # noqa: F401
 
 
 def make_tiny_gpt_oss(directory: Path, seed: int = 0) -> Path:
@@ -76,24 +43,3 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
                                               attn_implementation="eager").eval()
     with torch.no_grad():
         return model(tokens).logits
-
-
-def write_finetuning_data(directory: Path, chat: bool) -> Path:
-    """training.jsonl and validation.jsonl asking for STORIES, as chat
-    records or as instruction records."""
-    import json
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, story in enumerate(STORIES):
-        prompt = f"Tell me story number {i}."
-        if chat:
-            records.append({"messages": [{"role": "user", "content": prompt},
-                                         {"role": "assistant", "content": story}]})
-        else:
-            records.append({"input": prompt, "output": story})
-    for name, rows in (("training.jsonl", records * 8), ("validation.jsonl", records)):
-        with open(directory / name, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    return directory

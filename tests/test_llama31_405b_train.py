@@ -225,7 +225,7 @@ def test_starts_from_hf_weights(hf_llama, tmp_path):
 
     hf_dir, hf_model = hf_llama
     checkpoint = import_hf_checkpoint(str(hf_dir), str(tmp_path / "nemo"))
-    with pytest.raises(FileExistsError, match="output_dir: .* exists"):
+    with pytest.raises(FileExistsError, match="output_path: .* already exists"):
         import_hf_checkpoint(str(hf_dir), str(checkpoint))
 
     # weights of another shape are refused before anything starts

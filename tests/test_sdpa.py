@@ -1,7 +1,6 @@
 """The TE-free fast path: SDPA core attention equals megatron-core's
 local attention, module by module and through training."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,29 +10,11 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from coom_nemo import cpu_mode
 from coom_nemo.models import sdpa
 from coom_nemo.models.specs import LocalCoreAttention, LocalMLACoreAttention, layer_spec
 from coom_nemo.recipes import llama31_405b
 
 ONE_RANK = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
-
-
-@pytest.fixture
-def model_parallel():
-    """World of one gloo rank, with megatron-core's global state."""
-    from megatron.core import parallel_state
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    with cpu_mode.cpu_mode():
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel()
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            torch.distributed.destroy_process_group()
 
 
 def config(**kwargs):

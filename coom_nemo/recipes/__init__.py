@@ -4,7 +4,13 @@
 ``nemo_run.cli`` entry point, which imports this package.
 """
 
-from coom_nemo.recipes import deepseek, gpt_oss_20b, llama31_8b_mlperf, llama31_405b
+from coom_nemo.recipes import (
+    deepseek,
+    gpt_oss_20b,
+    llama31_8b_mlperf,
+    llama31_405b,
+    llama31_finetune,
+)
 
 FACTORIES = {
     "coom_llama31_405b": llama31_405b.pretrain_recipe,
@@ -19,4 +25,5 @@ FACTORIES = {
 FINETUNE_FACTORIES = {
     "coom_gpt_oss_20b_lora": gpt_oss_20b.lora_recipe,
     "coom_gpt_oss_20b_sft": gpt_oss_20b.sft_recipe,
+    **llama31_finetune.FACTORIES,
 }

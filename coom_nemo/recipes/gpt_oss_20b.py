@@ -10,16 +10,14 @@ Pretraining: ``coom_gpt_oss_20b`` and its gated-attention variant
 # No `from __future__ import annotations`: NeMo-Run reads the
 # factories' annotations as types to parse CLI arguments.
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
 import nemo_run as run
 from nemo.collections import llm
 
-from coom_nemo.data import sft_data
 from coom_nemo.factory import launch_arguments
+from coom_nemo.finetune import Tuning, finetune
 from coom_nemo.models.gpt_oss import gpt_oss_model
-from coom_nemo.peft import LoRA
 from coom_nemo.recipe import (
     Cluster,
     Layout,
@@ -27,7 +25,6 @@ from coom_nemo.recipe import (
     Preset,
     Schedule,
     debug_preset,
-    finetune_recipe,
     from_preset,
 )
 
@@ -52,21 +49,25 @@ GATED_PRESETS = {size: dataclasses.replace(preset, model=gpt_oss_model(size, att
 # TP. Fine-tuning differs from pretraining in layout, batch and
 # optimizer only; the 20b values follow NeMo 2.7.3's gpt_oss_20b
 # finetune_recipe (LoRA at 1e-4, full SFT on EP4 x PP2 at 5e-6). LoRA
-# keeps EP8: the plan check counts gradients and Adam state for every
-# weight, so it refuses NeMo's EP1 (162 GiB estimated) though frozen
-# weights need neither.
+# keeps EP8 (NeMo: EP1, which the plan check also passes now that it
+# counts no gradients or Adam state for frozen weights).
+_20B, _DEBUG = PRESETS["20b"], PRESETS["debug"]
+_FT_20B = Schedule(max_steps=1000, val_check_interval=50)
+_FT_DEBUG = Schedule(max_steps=10, val_check_interval=5, limit_val_batches=1)
 FINETUNE = {
-    ("20b", "lora"): dict(layout=Layout(ep=8, etp=1), global_batch_size=32,
-                          optim=Optim(lr=1e-4, warmup_steps=50, weight_decay=0.0)),
-    ("20b", "sft"): dict(layout=Layout(pp=2, ep=4, etp=1), global_batch_size=32,
-                         optim=Optim(lr=5e-6, warmup_steps=50)),
-    ("debug", "lora"): dict(layout=Layout(etp=1), global_batch_size=4,
-                            optim=Optim(lr=1e-2, warmup_steps=2, weight_decay=0.0)),
-    ("debug", "sft"): dict(layout=Layout(etp=1), global_batch_size=4,
-                           optim=Optim(lr=1e-3, warmup_steps=2)),
+    ("20b", "lora"): Tuning(layout=Layout(ep=8, etp=1), cluster=_20B.cluster,
+                           global_batch_size=32, schedule=_FT_20B,
+                           optim=Optim(lr=1e-4, warmup_steps=50, weight_decay=0.0)),
+    ("20b", "sft"): Tuning(layout=Layout(pp=2, ep=4, etp=1), cluster=_20B.cluster,
+                          global_batch_size=32, schedule=_FT_20B,
+                          optim=Optim(lr=5e-6, warmup_steps=50)),
+    ("debug", "lora"): Tuning(layout=Layout(etp=1), cluster=_DEBUG.cluster,
+                             global_batch_size=4, micro_batch_size=2, schedule=_FT_DEBUG,
+                             optim=Optim(lr=1e-2, warmup_steps=2, weight_decay=0.0)),
+    ("debug", "sft"): Tuning(layout=Layout(etp=1), cluster=_DEBUG.cluster,
+                            global_batch_size=4, micro_batch_size=2, schedule=_FT_DEBUG,
+                            optim=Optim(lr=1e-3, warmup_steps=2)),
 }
-FINETUNE_SCHEDULE = {"20b": Schedule(max_steps=1000, val_check_interval=50),
-                     "debug": Schedule(max_steps=10, val_check_interval=5, limit_val_batches=1)}
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b")
@@ -83,48 +84,10 @@ def pretrain_recipe_gated(**launch) -> run.Partial:
     return from_preset(GATED_PRESETS, family="gpt_oss_gated", **launch)
 
 
-def checkpoint_model(path) -> run.Config:
-    """The model config (architecture and tokenizer) saved with a NeMo
-    checkpoint, e.g. one made by ``import_from_hf``."""
-    from nemo.lightning import io
-
-    context = Path(path or "<not given>") / "context"
-    if not context.is_dir():
-        raise FileNotFoundError(
-            f"restore_path: {context} does not exist; import the HF checkpoint first "
-            "(coom_nemo.models.gpt_oss_hf.import_from_hf) and give its output directory")
-    return io.load_context(str(context), subpath="model", build=False)
-
-
-def _finetune(method, restore_path, data_dir, size, name, dir, num_nodes, gpus_per_node,
-              global_batch_size, micro_batch_size, seq_length, max_steps, precision, layout,
-              cpu):
-    if (size, method) not in FINETUNE:
-        raise ValueError(f"size: {size!r} is not one of {', '.join(PRESETS)}")
-    if data_dir is None:
-        raise ValueError("data_dir: not given; name a directory with training.jsonl and "
-                         "validation.jsonl")
-    tuning = FINETUNE[size, method]
-    preset = PRESETS[size]
-    model = checkpoint_model(restore_path)
-    schedule = FINETUNE_SCHEDULE[size]
-    if max_steps:
-        schedule = dataclasses.replace(schedule, max_steps=max_steps)
-    peft = None
-    if method == "lora":
-        peft = run.Config(LoRA, target_modules=["linear_qkv", "linear_proj"])
-    return finetune_recipe(
-        restore_path=str(restore_path), peft=peft, name=name or f"gpt_oss_{size}_{method}",
-        model=model,
-        data=sft_data(data_dir, seq_length or model.config.seq_length,
-                      global_batch_size or tuning["global_batch_size"],
-                      micro_batch_size or preset.micro_batch_size, cpu=cpu),
-        layout=tuning["layout"].updated(layout),
-        cluster=Cluster(num_nodes=num_nodes or preset.cluster.num_nodes,
-                        gpus_per_node=gpus_per_node or preset.cluster.gpus_per_node,
-                        gpu_memory_gb=preset.cluster.gpu_memory_gb),
-        schedule=schedule, optim=tuning["optim"], precision=precision, dir=dir, cpu=cpu,
-    )
+def _finetune(method, restore_path, data_dir, **launch):
+    return finetune(FINETUNE, method, family="gpt_oss", lora_targets=["linear_qkv", "linear_proj"],
+                    importer="coom_nemo.models.gpt_oss_hf.import_from_hf",
+                    restore_path=restore_path, data_dir=data_dir, **launch)
 
 
 # Fine-tuning data is a directory of JSONL files, not indexed prefixes.

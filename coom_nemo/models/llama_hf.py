@@ -1,0 +1,260 @@
+"""Llama 3.1 checkpoints between Hugging Face and coom NeMo.
+
+:func:`import_from_hf` turns a local ``LlamaForCausalLM`` directory
+into a NeMo checkpoint of a :class:`CoomLlama31Config` model;
+:func:`export_to_hf` writes one back. Both read :data:`MAPPINGS`, one
+table of HF <-> megatron-core names for the TransformerEngine and the
+local layer spec alike, and check by name and count that every tensor
+was converted (:func:`coom_nemo.models.hf_mapping.convert`).
+
+NeMo 2.7.3's own importer (nemo/collections/llm/gpt/model/llama.py,
+``HFLlamaImporter.convert_state``) names the per-layer RMSNorm weights
+only as TE fuses them (``linear_qkv.layer_norm_weight``); on a host
+without TE they stayed at 1.0, with one "No matches found" warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, HFLlamaImporter
+from nemo.lightning import io, teardown
+
+from coom_nemo.models.hf_mapping import (
+    QKV,
+    GatedMLP,
+    MappingError,
+    convert,
+    direct,
+    megatron_state,
+    on_this_host,
+)
+from coom_nemo.models.llama import CoomLlama31Config
+
+log = logging.getLogger(__name__)
+
+_LAYER, _HF = "decoder.layers.*.", "model.layers.*."
+MAPPINGS = [
+    direct("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+    direct("output_layer.weight", "lm_head.weight"),
+    direct("decoder.final_layernorm.weight", "model.norm.weight"),
+    # local spec: norms are modules of their own
+    direct(_LAYER + "input_layernorm.weight", _HF + "input_layernorm.weight"),
+    direct(_LAYER + "pre_mlp_layernorm.weight", _HF + "post_attention_layernorm.weight"),
+    # TE spec: each norm is fused into the linear after it
+    direct(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
+           _HF + "input_layernorm.weight"),
+    direct(_LAYER + "mlp.linear_fc1.layer_norm_weight", _HF + "post_attention_layernorm.weight"),
+    QKV(_LAYER + "self_attention.linear_qkv.weight",
+        tuple(_HF + f"self_attn.{p}_proj.weight" for p in "qkv")),
+    direct(_LAYER + "self_attention.linear_proj.weight", _HF + "self_attn.o_proj.weight"),
+    GatedMLP(_LAYER + "mlp.linear_fc1.weight",
+             (_HF + "mlp.gate_proj.weight", _HF + "mlp.up_proj.weight")),
+    direct(_LAYER + "mlp.linear_fc2.weight", _HF + "mlp.down_proj.weight"),
+]
+_TIED = "lm_head.weight"
+
+
+def config_from_hf(hf, dtype: torch.dtype | None = None) -> CoomLlama31Config:
+    """The coom config of transformers' ``LlamaConfig`` (Llama 3.1
+    RoPE scaling required); anything else is refused in one line."""
+    rope = hf.rope_scaling or {}
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        raise ValueError(f"rope_scaling: {rope or None} is not Llama 3.1's; give a checkpoint "
+                         "with rope_scaling.rope_type 'llama3'")
+    for field in ("attention_bias", "mlp_bias"):
+        if getattr(hf, field, False):
+            raise ValueError(f"{field}: Llama 3.1 has no biases and this importer maps none; "
+                             "give a checkpoint with it false")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act: {hf.hidden_act!r} is not Llama's SwiGLU ('silu')")
+    dtype = dtype or (hf.dtype if isinstance(hf.dtype, torch.dtype) else torch.bfloat16)
+    vocab = hf.vocab_size
+    return CoomLlama31Config(
+        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size, num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads,
+        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        seq_length=hf.max_position_embeddings, rotary_base=hf.rope_theta,
+        scale_factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+        high_freq_factor=rope["high_freq_factor"],
+        old_context_len=rope["original_max_position_embeddings"],
+        layernorm_epsilon=hf.rms_norm_eps, init_method_std=hf.initializer_range,
+        vocab_size=vocab, make_vocab_size_divisible_by=math.gcd(vocab, 128),
+        share_embeddings_and_output_weights=hf.tie_word_embeddings,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+def hf_config_from(cfg, tokenizer=None):
+    """transformers ``LlamaConfig`` of a coom Llama 3.1 config."""
+    from transformers import LlamaConfig
+
+    special = {}
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if isinstance(token_id, int):
+            special[f"{name}_token_id"] = token_id
+    heads = cfg.num_attention_heads
+    return LlamaConfig(
+        num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size, num_attention_heads=heads,
+        num_key_value_heads=cfg.num_query_groups or heads,
+        head_dim=cfg.kv_channels or cfg.hidden_size // heads,
+        max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.layernorm_epsilon,
+        initializer_range=cfg.init_method_std, rope_theta=cfg.rotary_base,
+        rope_scaling={"rope_type": "llama3", "factor": cfg.scale_factor,
+                      "low_freq_factor": cfg.low_freq_factor,
+                      "high_freq_factor": cfg.high_freq_factor,
+                      "original_max_position_embeddings": cfg.old_context_len},
+        vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.share_embeddings_and_output_weights,
+        dtype=cfg.params_dtype, **special)
+
+
+def hf_to_megatron(hf: dict[str, torch.Tensor], model, config) -> None:
+    """Fill every parameter of ``model`` (megatron-core, any spec)
+    from HF Llama tensors; refuse in one line if one is left on either
+    side."""
+    if config.share_embeddings_and_output_weights and _TIED in hf:
+        if not torch.equal(hf[_TIED], hf["model.embed_tokens.weight"]):
+            raise MappingError(f"{_TIED}: differs from model.embed_tokens.weight, but "
+                               "tie_word_embeddings is true; fix the checkpoint's config")
+        hf = {k: v for k, v in hf.items() if k != _TIED}
+    state = megatron_state(model)
+    made = convert(hf, {k: v.shape for k, v in state.items()}, MAPPINGS, to_hf=False,
+                   config=config, what="HF checkpoint")
+    with torch.no_grad():
+        for name, value in made.items():
+            state[name].copy_(value)
+
+
+def megatron_to_hf(model, config) -> dict[str, torch.Tensor]:
+    """HF Llama tensors of every parameter of ``model``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        wanted = AutoModelForCausalLM.from_config(hf_config_from(config)).state_dict()
+    if config.share_embeddings_and_output_weights:
+        wanted.pop(_TIED)
+    return convert(megatron_state(model), {k: v.shape for k, v in wanted.items()}, MAPPINGS,
+                   to_hf=True, config=config, what="NeMo checkpoint")
+
+
+def read_safetensors(directory) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"hf_dir: no *.safetensors in {directory}; give a Hugging "
+                                "Face checkpoint directory")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+class HFLlama31Importer(HFLlamaImporter):
+    """HF Llama 3.1 -> NeMo checkpoint of a :class:`CoomLlama31Config`
+    model, whose config turns off fusions this host lacks (NeMo's own
+    builds ``Llama31Config`` with TE's RoPE fusion on, refused without
+    TE), converted through :data:`MAPPINGS`."""
+
+    def apply(self, output_path: Path) -> Path:
+        tensors = read_safetensors(self)
+        target = self.init()
+        trainer = self.nemo_setup(target)
+        hf_to_megatron(tensors, target, self.config)
+        self.nemo_save(output_path, trainer)
+        teardown(trainer, target)
+        return output_path
+
+    @cached_property
+    def config(self) -> CoomLlama31Config:
+        from transformers import AutoConfig
+
+        return config_from_hf(AutoConfig.from_pretrained(str(self)))
+
+
+class HFLlama31Exporter(HFLlamaExporter):
+    """NeMo Llama 3.1 checkpoint -> transformers ``LlamaForCausalLM``
+    (plus its tokenizer when it has a HF one)."""
+
+    def apply(self, output_path: Path) -> Path:
+        from transformers import AutoModelForCausalLM
+
+        source, _ = self.nemo_load(str(self))
+        if any(".adapter." in name for name in megatron_state(source)):
+            raise ValueError("checkpoint: a LoRA run's checkpoint holds its adapters, not "
+                             "the model; export them with export_lora (PEFT format)")
+        tensors = megatron_to_hf(source, self.nemo_config)
+        model = AutoModelForCausalLM.from_config(self.config)
+        model.load_state_dict(tensors, strict=not self.config.tie_word_embeddings, assign=True)
+        if self.config.tie_word_embeddings:
+            model.tie_weights()
+        model.save_pretrained(output_path)
+        tokenizer = getattr(self.tokenizer, "tokenizer", None)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(output_path)
+        else:
+            log.warning("the checkpoint's tokenizer (%s) has no HF form: add one to %s",
+                        type(self.tokenizer).__name__, output_path)
+        return output_path
+
+    @cached_property
+    def nemo_config(self) -> CoomLlama31Config:
+        return io.load_context(str(self), subpath="model.config")
+
+    @cached_property
+    def tokenizer(self):
+        return io.load_context(str(self), subpath="model.tokenizer")
+
+    @cached_property
+    def config(self):
+        return hf_config_from(self.nemo_config, getattr(self.tokenizer, "tokenizer", None))
+
+
+def _new_output(output_path, field="output_path") -> Path:
+    output = Path(output_path)
+    if output.exists():
+        raise FileExistsError(f"{field}: {output} already exists; give a new directory "
+                              "(nothing is overwritten)")
+    return output
+
+
+def import_from_hf(hf_dir, output_path) -> Path:
+    """Import a local HF Llama 3.1 directory as a NeMo checkpoint
+    (``context/`` + ``weights/``), what fine-tuning and pretraining
+    recipes' ``restore_path`` starts from."""
+    source = Path(hf_dir)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"hf_dir: {source}/config.json does not exist; give the "
+                                "directory of a Hugging Face Llama checkpoint")
+    output = _new_output(output_path)
+    importer = HFLlama31Importer(str(source.resolve()))
+    _ = importer.config  # a foreign config is refused before anything is written
+    with on_this_host():
+        return importer(output_path=output)
+
+
+def export_to_hf(checkpoint, output_path) -> Path:
+    """Write a NeMo Llama 3.1 checkpoint as a HF directory."""
+    source = Path(checkpoint)
+    if not (source / "context").is_dir():
+        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
+                                "checkpoint directory (with context/ and weights/)")
+    output = _new_output(output_path)
+    with on_this_host():
+        return HFLlama31Exporter(str(source.resolve()))(output_path=output)
+
+
+@contextlib.contextmanager
+def loaded(checkpoint):
+    """The model of a NeMo Llama checkpoint, for inspection here."""
+    with on_this_host():
+        model, _ = HFLlama31Exporter(str(checkpoint)).nemo_load(str(checkpoint))
+        yield model

@@ -1,0 +1,146 @@
+"""LoRA adapters of a NeMo fine-tuning run in Hugging Face PEFT's
+format.
+
+NeMo's LoRA adds ``B @ A * alpha / dim`` beside a megatron-core linear;
+PEFT adds ``lora_B @ lora_A * lora_alpha / r`` beside each HF linear.
+A fused megatron-core linear (``linear_qkv``: q, k and v;
+``linear_fc1``: gate and up) is several HF linears that read the same
+input, so each of them gets the same ``A`` and its own rows of ``B``,
+split the way the weights are (:mod:`coom_nemo.models.hf_mapping`).
+The result loads with ``peft.PeftModel.from_pretrained`` onto the HF
+base model.
+
+:data:`TARGETS` is the per-family table of adapted modules; a family's
+names go there (``*`` is a layer number).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from nemo.lightning import io
+
+from coom_nemo.models.hf_mapping import (
+    QKV,
+    GatedMLP,
+    Mapping,
+    megatron_core,
+    on_this_host,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A megatron-core linear LoRA may adapt and the HF linear(s) it
+    is; ``split`` divides its output rows among them."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    split: type[Mapping] = Mapping
+
+
+_ATTENTION = [
+    Target("decoder.layers.*.self_attention.linear_qkv",
+           tuple(f"model.layers.*.self_attn.{p}_proj" for p in "qkv"), QKV),
+    Target("decoder.layers.*.self_attention.linear_proj", ("model.layers.*.self_attn.o_proj",)),
+]
+TARGETS = {
+    "llama": _ATTENTION + [
+        Target("decoder.layers.*.mlp.linear_fc1",
+               ("model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj"), GatedMLP),
+        Target("decoder.layers.*.mlp.linear_fc2", ("model.layers.*.mlp.down_proj",)),
+    ],
+    "gpt_oss": _ATTENTION,
+}
+
+
+class _Loader(io.ModelConnector):
+    """Only for ``nemo_load``: a checkpoint's model, adapters in."""
+
+
+# config class -> family
+FAMILIES = {"CoomLlama31Config": "llama", "CoomGptOssConfig": "gpt_oss"}
+
+
+def lora_tensors(model, config, family: str) -> tuple[dict[str, torch.Tensor], int, float]:
+    """PEFT's tensors of every LoRA adapter in ``model`` (a NeMo model),
+    with the rank and alpha; an adapter the table does not name is
+    refused in one line."""
+    if family not in TARGETS:
+        raise ValueError(f"family: {family!r} has no PEFT names; add its rows to "
+                         f"coom_nemo.peft_export.TARGETS (known: {', '.join(TARGETS)})")
+    adapters = {name.removesuffix(".adapter"): module
+                for name, module in megatron_core(model).named_modules()
+                if name.endswith(".adapter")}
+    if not adapters:
+        raise ValueError("checkpoint: it holds no LoRA adapters; give the checkpoint of a "
+                         "LoRA run (a full fine-tuning exports with export_to_hf)")
+    patterns = [(t, re.compile(re.escape(t.megatron).replace(r"\*", r"(\d+)")))
+                for t in TARGETS[family]]
+    tensors, ranks = {}, set()
+    for name, adapter in adapters.items():
+        hit = next(((t, m) for t, p in patterns if (m := p.fullmatch(name))), None)
+        if hit is None:
+            raise ValueError(f"{name}: a LoRA adapter with no PEFT name for {family}; add it "
+                             "to coom_nemo.peft_export.TARGETS or train without it")
+        target, match = hit
+        a = adapter.linear_in.weight.detach().float().cpu()
+        b = adapter.linear_out.weight.detach().float().cpu()
+        ranks.add((adapter.dim, float(adapter.alpha)))
+        parts = target.split(target.megatron, target.hf).to_hf(b, config)
+        for hf_module, b_part in zip(target.hf, parts, strict=True):
+            for number in match.groups():
+                hf_module = hf_module.replace("*", number, 1)
+            prefix = f"base_model.model.{hf_module}"
+            tensors[f"{prefix}.lora_A.weight"] = a.clone()
+            tensors[f"{prefix}.lora_B.weight"] = b_part.contiguous()
+    if len(ranks) != 1:
+        raise ValueError(f"adapters: ranks and alphas differ ({sorted(ranks)}); PEFT's "
+                         "format holds one pair per adapter file")
+    (rank, alpha), = ranks
+    return tensors, rank, alpha
+
+
+def write_adapter(output: Path, tensors: dict[str, torch.Tensor], rank: int, alpha: float,
+                  base_model: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """``adapter_config.json`` and ``adapter_model.safetensors``."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    modules = sorted({name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                      for name in tensors})
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    output.mkdir(parents=True)
+    config.save_pretrained(str(output))
+    save_file({k: v.to(dtype) for k, v in tensors.items()},
+              str(output / "adapter_model.safetensors"))
+    return output
+
+
+def export_lora(checkpoint, output_path, base_model: str | None = None) -> Path:
+    """Write the LoRA adapters of a NeMo checkpoint (a LoRA run's
+    ``*-last``) as a PEFT adapter directory; ``base_model`` (e.g. the
+    HF directory imported) goes into its config."""
+    source = Path(checkpoint)
+    if not (source / "context").is_dir():
+        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
+                                "checkpoint directory (with context/ and weights/)")
+    output = Path(output_path)
+    if output.exists():
+        raise FileExistsError(f"output_path: {output} already exists; give a new directory "
+                              "(nothing is overwritten)")
+    config = io.load_context(str(source), subpath="model.config")
+    family = FAMILIES.get(type(config).__name__)
+    if family is None:
+        raise ValueError(f"checkpoint: a {type(config).__name__} model has no PEFT export; "
+                         f"known: {', '.join(FAMILIES)}")
+    with on_this_host():
+        model, _ = _Loader(str(source)).nemo_load(str(source))
+        tensors, rank, alpha = lora_tensors(model, config, family)
+    dtype = config.params_dtype if isinstance(config.params_dtype, torch.dtype) else None
+    write_adapter(output, tensors, rank, alpha, base_model, dtype or torch.float32)
+    return output

@@ -1,0 +1,144 @@
+"""Llama 3.1 between Hugging Face and megatron-core: the mapping table.
+
+Every weight of a tiny LlamaForCausalLM is random (norms included), in
+shapes other than the presets' (odd head counts, GQA ratios 1, 2 and
+4, head_dim apart from hidden / heads, tied and untied embeddings,
+llama3 RoPE scaling); converted into megatron-core's local (TE-free)
+spec, its logits equal transformers' within TOLERANCE, and converted
+back every tensor is the original. A tensor left over on either side
+is refused in one line.
+"""
+
+import pytest
+import torch
+
+from coom_nemo.models.hf_mapping import MappingError, convert, megatron_state
+from coom_nemo.models.llama_hf import MAPPINGS, config_from_hf, hf_to_megatron, megatron_to_hf
+from coom_nemo.tiny import llama_config, randomize
+
+# fp32 on CPU
+TOLERANCE = 1e-4
+TOKENS = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
+
+SHAPES = {
+    "gqa2-odd-heads-head_dim": dict(num_attention_heads=6, num_key_value_heads=3, head_dim=10),
+    "mha-3-heads-tied": dict(num_attention_heads=3, num_key_value_heads=3, head_dim=16,
+                             tie_word_embeddings=True),
+    "gqa4-odd-groups": dict(num_attention_heads=12, num_key_value_heads=3, head_dim=6,
+                            num_hidden_layers=3),
+    "gqa4-one-group-tied": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=12,
+                                hidden_size=40, intermediate_size=72, tie_word_embeddings=True),
+}
+
+
+def hf_model(seed=0, **shape):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(llama_config(**shape, attn_implementation="eager")).float()
+    randomize(model, seed)
+    return model.eval()
+
+
+def megatron_model(config):
+    model = config.configure_model(None)
+    return model.eval()
+
+
+def megatron_logits(model):
+    positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+    with torch.no_grad():
+        return model(TOKENS, positions, None)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES)
+def test_logits_match_transformers_and_every_tensor_round_trips(model_parallel, shape):
+    hf = hf_model(**shape)
+    config = config_from_hf(hf.config, dtype=torch.float32)
+    model = megatron_model(config)
+    assert "decoder.layers.0.input_layernorm.weight" in megatron_state(model)  # local spec
+    hf_to_megatron(hf.state_dict(), model, config)
+    with torch.no_grad():
+        theirs = hf(TOKENS).logits
+    ours = megatron_logits(model)
+    assert ours.shape == theirs.shape == (*TOKENS.shape, 384)
+    assert (ours - theirs).abs().max() < TOLERANCE
+
+    back = megatron_to_hf(model, config)
+    original = hf.state_dict()
+    if hf.config.tie_word_embeddings:
+        original.pop("lm_head.weight")
+    assert back.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_norm_weights_matter(model_parallel):
+    """What the old import got wrong: norms left at 1.0 change the
+    logits far beyond the tolerance."""
+    hf = hf_model(**SHAPES["gqa2-odd-heads-head_dim"])
+    config = config_from_hf(hf.config, dtype=torch.float32)
+    model = megatron_model(config)
+    hf_to_megatron(hf.state_dict(), model, config)
+    with torch.no_grad():
+        theirs = hf(TOKENS).logits
+        for name, param in model.named_parameters():
+            if "layernorm" in name and "final" not in name:
+                param.fill_(1.0)
+    assert (megatron_logits(model) - theirs).abs().max() > 100 * TOLERANCE
+
+
+def test_left_over_tensors_are_refused_in_one_line(model_parallel):
+    hf = hf_model(**SHAPES["gqa2-odd-heads-head_dim"])
+    config = config_from_hf(hf.config, dtype=torch.float32)
+    model = megatron_model(config)
+    state = hf.state_dict()
+
+    extra = {**state, "model.layers.0.self_attn.q_norm.weight": torch.ones(10)}
+    with pytest.raises(MappingError) as error:
+        hf_to_megatron(extra, model, config)
+    assert str(error.value).startswith("model.layers.0.self_attn.q_norm.weight: in the HF "
+                                       "checkpoint but used by no tensor")
+    missing = {k: v for k, v in state.items() if "post_attention_layernorm" not in k}
+    with pytest.raises(MappingError, match=r"^model\.layers\.0\.post_attention_layernorm\."
+                       r"weight: missing from the HF checkpoint"):
+        hf_to_megatron(missing, model, config)
+    deeper = config_from_hf(llama_config(**SHAPES["gqa2-odd-heads-head_dim"],
+                                         num_hidden_layers=1), dtype=torch.float32)
+    with pytest.raises(MappingError) as error:
+        hf_to_megatron(state, megatron_model(deeper), deeper)
+    # layer 1's nine tensors: the first named, the rest counted
+    assert str(error.value).startswith("model.layers.1.input_layernorm.weight (and 8 more): ")
+    assert "\n" not in str(error.value)
+
+
+def test_transformer_engine_names_convert_both_ways(model_parallel):
+    """The TE spec fuses each norm into the next linear; the same
+    table maps those names (checked here without TE on the host)."""
+    hf = hf_model(**SHAPES["gqa4-odd-groups"])
+    config = config_from_hf(hf.config, dtype=torch.float32)
+    local = convert(hf.state_dict(), {k: v.shape for k, v in megatron_state(
+        megatron_model(config)).items()}, MAPPINGS, to_hf=False, config=config)
+    te_names = {".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+                ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}
+
+    def te(name):
+        for old, new in te_names.items():
+            name = name.replace(old, new)
+        return name
+
+    te_state = {te(k): v for k, v in local.items()}
+    assert any(k.endswith("linear_qkv.layer_norm_weight") for k in te_state)
+    again = convert(hf.state_dict(), {k: v.shape for k, v in te_state.items()}, MAPPINGS,
+                    to_hf=False, config=config)
+    assert again.keys() == te_state.keys()
+    assert all(torch.equal(again[k], te_state[k]) for k in te_state)
+    back = convert(te_state, {k: v.shape for k, v in hf.state_dict().items()}, MAPPINGS,
+                   to_hf=True, config=config)
+    assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+
+
+def test_configs_without_llama31_rope_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^rope_scaling: None is not Llama 3\.1's"):
+        config_from_hf(llama_config(rope_scaling=None))
+    with pytest.raises(ValueError, match="^attention_bias: "):
+        config_from_hf(llama_config(attention_bias=True))
