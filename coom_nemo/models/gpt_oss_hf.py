@@ -43,17 +43,15 @@ from nemo.collections.llm.gpt.model.gpt_oss import (
 from nemo.lightning import io, teardown
 from nemo.lightning.io.state import TransformFns, _ModelState
 
+from coom_nemo.models.conversion import (
+    CheckpointMismatchError,
+    convert_checked,
+    new_output,
+    on_this_host,
+)
 from coom_nemo.models.gpt_oss import CoomGptOssConfig, CoomGptOssModel
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint tensor that the target config cannot hold."""
-
-    def __init__(self, tensor: str, problem: str, fix: str):
-        self.tensor = tensor
-        super().__init__(f"{tensor}: {problem}; {fix}")
 
 
 def config_from_hf(hf) -> dict:
@@ -265,6 +263,9 @@ class HFGptOssImporter(HFGPTOSSImporter):
         return AutoTokenizer(self.tokenizer_assets)
 
     def convert_state(self, source, target):
+        return convert_checked(self._convert, dict(source.state_dict()), target)
+
+    def _convert(self, source, target):
         norm, experts = _spec_names(target)
         mapping = {**_RENAMES, "**.input_layernorm.weight": norm}
         transforms = [
@@ -334,6 +335,10 @@ class HFGptOssExporter(HFGPTOSSExporter):
         return hf_config_from(self.nemo_config)
 
     def convert_state(self, source, target):
+        return convert_checked(self._convert, source.module.state_dict(), target,
+                               source_name="NeMo checkpoint", target_name="HF model")
+
+    def _convert(self, source, target):
         norm, experts = _spec_names(source)
         mapping = {nemo: hf for hf, nemo in _RENAMES.items()}
         mapping[norm] = "**.input_layernorm.weight"
@@ -361,30 +366,6 @@ class HFGptOssExporter(HFGPTOSSExporter):
         return io.apply_transforms(source, target, mapping=mapping, transforms=transforms)
 
 
-@contextlib.contextmanager
-def _on_this_host():
-    """NeMo's connectors build the model with ``accelerator="cpu"``:
-    on a host without CUDA that needs CPU mode. Afterwards the process
-    groups go, so a later run in this process starts clean."""
-    from coom_nemo import cpu_mode
-    from coom_nemo.strategy import _release_global_state
-
-    host = contextlib.nullcontext() if torch.cuda.is_available() else cpu_mode.cpu_mode()
-    with host:
-        try:
-            yield
-        finally:
-            _release_global_state()
-
-
-def _new_output(output_path) -> Path:
-    output = Path(output_path)
-    if output.exists():
-        raise FileExistsError(f"output_path: {output} already exists; give a new directory "
-                              "(nothing is overwritten)")
-    return output
-
-
 def import_from_hf(hf_dir, output_path, *, attention_gate: bool = False,
                    config: CoomGptOssConfig | None = None) -> Path:
     """Import a HF GPT-OSS directory as a NeMo checkpoint.
@@ -402,11 +383,11 @@ def import_from_hf(hf_dir, output_path, *, attention_gate: bool = False,
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"hf_dir: {source}/config.json does not exist; give the "
                                 "directory of a Hugging Face GPT-OSS checkpoint")
-    output = _new_output(output_path)
+    output = new_output(output_path)
     if config is None:
         config = CoomGptOssConfig(**config_from_hf(AutoConfig.from_pretrained(source)))
     config = dataclasses.replace(config, attention_gate=attention_gate)
-    with _on_this_host():
+    with on_this_host():
         return llm.import_ckpt(CoomGptOssModel(config), f"hf://{source.resolve()}",
                                output_path=output)
 
@@ -419,14 +400,14 @@ def export_to_hf(checkpoint, output_path) -> Path:
     if not (source / "context").is_dir():
         raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
                                 "checkpoint directory (with context/ and weights/)")
-    output = _new_output(output_path)
-    with _on_this_host():
+    output = new_output(output_path)
+    with on_this_host():
         return llm.export_ckpt(source, "hf", output_path=output)
 
 
 @contextlib.contextmanager
 def loaded(checkpoint):
     """The model of a NeMo GPT-OSS checkpoint, for inspection here."""
-    with _on_this_host():
+    with on_this_host():
         model, trainer = HFGptOssExporter(str(checkpoint)).nemo_load(str(checkpoint))
         yield model

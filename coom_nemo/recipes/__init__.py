@@ -18,4 +18,8 @@ FACTORIES = {
 FINETUNE_FACTORIES = {
     "coom_gpt_oss_20b_lora": gpt_oss_20b.lora_recipe,
     "coom_gpt_oss_20b_sft": gpt_oss_20b.sft_recipe,
+    "coom_deepseek_16b_lora": deepseek.lora_recipe_16b,
+    "coom_deepseek_16b_sft": deepseek.sft_recipe_16b,
+    "coom_deepseek_v3_lora": deepseek.lora_recipe_v3,
+    "coom_deepseek_v3_sft": deepseek.sft_recipe_v3,
 }
