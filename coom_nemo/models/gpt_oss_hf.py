@@ -73,7 +73,11 @@ def config_from_hf(hf) -> dict:
         seq_length=min(hf.max_position_embeddings, 4096),
     )
     if rope.get("rope_type", rope.get("type")) != "yarn":
-        return {**fields, "position_embedding_type": "rope"}
+        # measured: logits 2.3 away from transformers' on a tiny model
+        # (every released GPT-OSS uses YaRN)
+        raise ValueError(f"rope_scaling: {hf.rope_scaling!r} is not supported (the imported "
+                         "model would compute other logits); give a GPT-OSS config with "
+                         "YaRN rope_scaling, as the released ones have")
     if rope.get("attention_factor") is not None:
         raise ValueError("rope_scaling.attention_factor: an explicit YaRN attention factor is "
                          "not supported; give mscale and mscale_all_dim instead")
@@ -113,9 +117,9 @@ def hf_config_from(cfg):
                                  "use (1.0, 0.0) or two non-zero values")
             rope_scaling.update(mscale=mscales[0], mscale_all_dim=mscales[1])
         max_positions = int(original * factor)
-    elif cfg.position_embedding_type != "rope":
+    else:  # plain RoPE computes other logits than transformers' (import)
         raise ValueError(f"position_embedding_type: {cfg.position_embedding_type!r} has no "
-                         "GPT-OSS HF form; use 'yarn' or 'rope'")
+                         "GPT-OSS HF form; export a model trained with 'yarn'")
     return GptOssConfig(
         num_hidden_layers=cfg.num_layers, num_local_experts=cfg.num_moe_experts,
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
