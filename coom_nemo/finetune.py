@@ -31,6 +31,8 @@ class Tuning:
     schedule: Schedule
     micro_batch_size: int = 1
     seq_length: int | None = None  # None: the checkpoint's
+    lora_dim: int = 32  # LoRA rank (NeMo's default)
+    lora_alpha: int = 32  # adapters are scaled by alpha / dim
 
 
 def checkpoint_model(path, importer: str) -> run.Config:
@@ -69,7 +71,10 @@ def finetune(tunings: dict, method: str, *, family: str, lora_targets: list[str]
     schedule = tuning.schedule
     if max_steps:
         schedule = dataclasses.replace(schedule, max_steps=max_steps)
-    peft = run.Config(LoRA, target_modules=list(lora_targets)) if method == "lora" else None
+    peft = None
+    if method == "lora":
+        peft = run.Config(LoRA, target_modules=list(lora_targets), dim=tuning.lora_dim,
+                          alpha=tuning.lora_alpha)
     seq = seq_length or tuning.seq_length or model.config.seq_length
     return finetune_recipe(
         restore_path=str(restore_path), peft=peft, name=name or f"{family}_{size}_{method}",
