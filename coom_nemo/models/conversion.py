@@ -49,10 +49,12 @@ def _module(model):
 
 
 def convert_checked(convert, source: dict[str, torch.Tensor], target, *,
-                    source_name: str = "checkpoint", target_name: str = "model"):
-    """``convert(_ModelState(source), target)``, refused (before
-    anything is saved) unless it read every tensor of ``source`` and
-    set every floating-point tensor of ``target``'s state dict.
+                    source_name: str = "checkpoint", target_name: str = "model",
+                    source_config=None):
+    """``convert(_ModelState(source, source_config), target)``, refused
+    (before anything is saved) unless it read every tensor of
+    ``source`` and set every floating-point tensor of ``target``'s
+    state dict (``target`` must not share storage with ``source``).
 
     TransformerEngine's ``_extra_state`` entries are not weights and
     are left out on both sides.
@@ -62,7 +64,7 @@ def convert_checked(convert, source: dict[str, torch.Tensor], target, *,
         for tensor in _module(target).state_dict().values():
             if torch.is_tensor(tensor) and tensor.is_floating_point():
                 tensor.fill_(float("nan"))
-    converted = convert(_ModelState(recorded), target)
+    converted = convert(_ModelState(recorded, source_config), target)
     # ``recorded`` as the conversion left it (it may rename keys)
     unread = sorted(name for name in recorded
                     if name not in recorded.read and not name.endswith("_extra_state"))

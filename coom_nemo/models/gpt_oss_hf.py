@@ -340,7 +340,8 @@ class HFGptOssExporter(HFGPTOSSExporter):
 
     def convert_state(self, source, target):
         return convert_checked(self._convert, source.module.state_dict(), target,
-                               source_name="NeMo checkpoint", target_name="HF model")
+                               source_name="NeMo checkpoint", target_name="HF model",
+                               source_config=source.config)  # split_qkv reads it
 
     def _convert(self, source, target):
         norm, experts = _spec_names(source)
