@@ -222,11 +222,13 @@ def test_hf_config_reads_as_the_debug_size():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_import_matches_transformers_logits(checkpoint, shape):
+def test_import_matches_transformers_logits_and_exports_back(checkpoint, shape, tmp_path):
     hf, imported = checkpoint(shape)
     ours, theirs = nemo_logits(imported), hf_logits(hf, TOKENS)
     assert ours.shape == theirs.shape == (2, 24, VOCAB)
     assert (ours - theirs).abs().max() < TOLERANCE
+    # and back: every tensor round-trips unchanged
+    assert torch.equal(hf_logits(export_to_hf(imported, tmp_path / "hf"), TOKENS), theirs)
 
 
 def test_megatron_core_group_scores_would_route_otherwise(checkpoint, monkeypatch, tmp_path):

@@ -74,7 +74,10 @@ def test_other_shapes_import_with_matching_logits(shape, tmp_path):
     with loaded(imported) as model:
         assert model.config.moe_router_topk == config.num_experts_per_tok
         assert not model.config.moe_router_pre_softmax
-    assert (nemo_logits(imported) - hf_logits(hf_dir, TOKENS)).abs().max() < TOLERANCE
+    theirs = hf_logits(hf_dir, TOKENS)
+    assert (nemo_logits(imported) - theirs).abs().max() < TOLERANCE
+    # and back: every tensor round-trips unchanged
+    assert torch.equal(hf_logits(export_to_hf(imported, tmp_path / "out"), TOKENS), theirs)
 
 
 def test_a_tensor_no_weight_takes_is_refused_in_one_line(hf_dir, tmp_path):
