@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from nemo.lightning import io
 
+from coom_nemo.models.conversion import on_this_host
 from coom_nemo.models.hf_mapping import (
     QKV,
     GatedMLP,
     Mapping,
     megatron_core,
-    on_this_host,
 )
 
 

@@ -11,18 +11,29 @@ import torch
 
 from coom_nemo.tiny import make_tokenizer, write_finetuning_data  # noqa: F401
 
+# Shapes besides the default: top-1 routing (megatron-core refuses it
+# without pre-softmax), odd head counts, GQA 3, 3 layers.
+SHAPES = {
+    "default": {},
+    "top1_odd_heads": dict(num_hidden_layers=3, num_local_experts=5, num_experts_per_tok=1,
+                           hidden_size=48, intermediate_size=40, head_dim=8,
+                           num_attention_heads=9, num_key_value_heads=3, sliding_window=6),
+    "top3_of_6": dict(num_local_experts=6, num_experts_per_tok=3, num_attention_heads=5,
+                      num_key_value_heads=5, head_dim=12),
+}
 
-def make_tiny_gpt_oss(directory: Path, seed: int = 0) -> Path:
+
+def make_tiny_gpt_oss(directory: Path, seed: int = 0, shape: str = "default") -> Path:
     """A random tiny GptOssForCausalLM (fp32) and its tokenizer."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     directory = Path(directory)
-    config = GptOssConfig(
+    fields = dict(
         num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=384,
         hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=8, dtype=torch.float32,
-        eos_token_id=0, bos_token_id=0, pad_token_id=0,
-    )
+        num_key_value_heads=2, sliding_window=8)
+    config = GptOssConfig(**{**fields, **SHAPES[shape]}, dtype=torch.float32,
+                          eos_token_id=0, bos_token_id=0, pad_token_id=0)
     torch.manual_seed(seed)
     model = GptOssForCausalLM(config).float()
     with torch.no_grad():

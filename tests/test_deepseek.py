@@ -12,6 +12,8 @@ import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON, ROOT
+from deepseek_tiny import DEBUG_SHAPE, SHAPES, VOCAB, hf_logits, make_tiny_deepseek
+from gpt_oss_tiny import write_finetuning_data
 from helpers import falls, train
 from test_cli import NEMO
 from test_parallel_cpu import _free_port
@@ -19,7 +21,17 @@ from test_parallel_cpu import _free_port
 from coom_nemo import launch
 from coom_nemo.model_math import kv_cache_report
 from coom_nemo.models.base import has_transformer_engine
-from coom_nemo.models.deepseek import SIZES, CoomDeepSeekConfig, config_from_hf
+from coom_nemo.models.conversion import CheckpointMismatchError, convert_checked, on_this_host
+from coom_nemo.models.deepseek import (
+    SIZES,
+    CoomDeepSeekConfig,
+    HFCoomDeepSeekExporter,
+    config_from_hf,
+    deepseek_model,
+    export_to_hf,
+    hf_config_from,
+    import_from_hf,
+)
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.plan import PlanError
 from coom_nemo.recipes import deepseek
@@ -167,104 +179,213 @@ def test_kv_cache_report_of_deepseek_v3_and_of_a_gqa_model():
         "GQA-8 at 8192 tokens: 3.9 GiB")
 
 
-# -- HF import -------------------------------------------------------
+# -- HF import, export and fine-tuning ------------------------------
+
+TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+# fp32 on CPU; measured max |difference| 2e-6 to 5e-6 (logits up to ~5)
+TOLERANCE = 1e-4
 
 
-def tiny_hf_deepseek(path):
-    """A random DeepSeek-V3 in HF format, the debug size's shape."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(HF directory, NeMo import) of a shape, made once per module."""
+    made = {}
 
-    debug = SIZES["debug"]
-    config = DeepseekV3Config(
-        vocab_size=debug["vocab_size"], hidden_size=debug["hidden_size"],
-        intermediate_size=debug["ffn_hidden_size"],
-        moe_intermediate_size=debug["moe_ffn_hidden_size"], num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=debug["num_attention_heads"],
-        num_key_value_heads=debug["num_attention_heads"], n_shared_experts=1,
-        n_routed_experts=debug["num_moe_experts"], num_experts_per_tok=4, n_group=4,
-        topk_group=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
-        # DeepSeek-V3's own RoPE settings
-        max_position_embeddings=163840,
-        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
-                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
-        dtype="float32")
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(config).float()
-    with torch.no_grad():  # norms and expert bias away from their init
-        for name, tensor in model.state_dict().items():
-            if name.endswith("norm.weight"):
-                tensor.uniform_(0.5, 1.5)
-            if name.endswith("e_score_correction_bias"):
-                tensor.uniform_(-0.05, 0.05)
-    model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(config.vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, "t0")),
-                                        unk_token="t0", eos_token="t1")
-    tokenizer.save_pretrained(path)
-    return model.eval()
+    def make(shape):
+        if shape not in made:
+            root = tmp_path_factory.mktemp(shape)
+            hf = make_tiny_deepseek(root / "hf", shape)
+            made[shape] = hf, import_from_hf(hf, root / "nemo")
+        return made[shape]
+
+    return make
 
 
-class WeightsAtStart(pl.Callback):
-    """The weights training starts from."""
+def nemo_logits(path):
+    with on_this_host():
+        model, _ = HFCoomDeepSeekExporter(str(path)).nemo_load(path)
+        positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+        with torch.no_grad():
+            return model.eval()(TOKENS, positions, None)
 
-    def on_train_start(self, trainer, pl_module):
-        self.state = {name.split("module.")[-1]: tensor.detach().clone()
-                      for name, tensor in pl_module.state_dict().items()
-                      if torch.is_tensor(tensor)}
 
+def test_hf_config_reads_as_the_debug_size():
+    from transformers import DeepseekV3Config
 
-def test_hf_deepseek_v3_imports_with_matching_logits_and_fine_tunes(tmp_path):
-    from nemo.collections import llm
-
-    from coom_nemo import cpu_mode
-    from coom_nemo.models.deepseek import CoomDeepSeekModel, HFCoomDeepSeekImporter
-
-    hf = tiny_hf_deepseek(tmp_path / "hf")
-    # the importer reads the HF config as the debug size's architecture
-    from transformers import AutoConfig
-
-    imported = config_from_hf(AutoConfig.from_pretrained(tmp_path / "hf"))
+    imported = config_from_hf(DeepseekV3Config(**DEBUG_SHAPE))
     debug = SIZES["debug"]
     shared = set(debug) & set(imported) - {"make_vocab_size_divisible_by", "mtp_num_layers",
-                                           "mtp_loss_scaling_factor"}
-    assert len(shared) == 17
+                                           "mtp_loss_scaling_factor", "vocab_size"}
+    assert len(shared) == 16
     assert {k: imported[k] for k in shared} == {k: debug[k] for k in shared}
+    assert imported["moe_router_group_score_topk"] == 2  # transformers' group score
 
-    ckpt = tmp_path / "nemo"
-    with cpu_mode.cpu_mode():
-        llm.import_ckpt(model=CoomDeepSeekModel(), source=f"hf://{tmp_path / 'hf'}",
-                        output_path=ckpt)
-        model, _ = HFCoomDeepSeekImporter(str(ckpt)).nemo_load(ckpt, cpu=True)
-        tokens = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
-        positions = torch.arange(64).expand(2, 64)
-        with torch.no_grad():
-            logits = model(tokens, positions, None)
-    with torch.no_grad():
-        expected = hf(tokens).logits
-    difference = float((logits - expected).abs().max())
-    print(f"max |logits - HF logits| = {difference:.1e} "
-          f"(logits up to {float(expected.abs().max()):.2f})")
-    assert difference < 1e-4  # fp32 on both sides
 
-    # fine-tuning starts from the imported weights; HF's model holds no
-    # MTP layer, so MTP must be off
+@pytest.mark.parametrize("shape", SHAPES)
+def test_import_matches_transformers_logits_and_exports_back(checkpoint, shape, tmp_path):
+    hf, imported = checkpoint(shape)
+    ours, theirs = nemo_logits(imported), hf_logits(hf, TOKENS)
+    assert ours.shape == theirs.shape == (2, 24, VOCAB)
+    assert (ours - theirs).abs().max() < TOLERANCE
+    # and back: every tensor round-trips unchanged
+    assert torch.equal(hf_logits(export_to_hf(imported, tmp_path / "hf"), TOKENS), theirs)
+
+
+def test_megatron_core_group_scores_would_route_otherwise(checkpoint, monkeypatch, tmp_path):
+    # the same checkpoint imported with megatron-core's group score
+    # (top k/groups = 3 experts, not 2) computes other logits
+    from coom_nemo.models import deepseek as models
+
+    hf, _ = checkpoint("k6_of_2groups_lite")
+    monkeypatch.setattr(models, "HF_GROUP_SCORE_TOPK", None)
+    imported = import_from_hf(hf, tmp_path / "nemo")
+    assert (nemo_logits(imported) - hf_logits(hf, TOKENS)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change, message", [
+    ("add", "model.layers.0.mlp.extra.weight: in the checkpoint but not in transformers' "
+            "DeepseekV3 of its config.json; give a complete checkpoint of one architecture"),
+    ("drop", "model.layers.1.mlp.gate.e_score_correction_bias: missing from the checkpoint; "
+             "give a complete checkpoint of one architecture"),
+])
+def test_a_stray_or_missing_tensor_is_refused_in_one_line(checkpoint, change, message,
+                                                          tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf = shutil.copytree(checkpoint("debug")[0], tmp_path / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    if change == "add":
+        tensors["model.layers.0.mlp.extra.weight"] = torch.ones(4)
+    else:
+        del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError) as error:
+        import_from_hf(hf, tmp_path / "out")
+    assert str(error.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_that_drops_or_misses_a_tensor_is_refused():
+    """What the mapping itself misses (the import above maps all)."""
+    from nemo.lightning import io
+
+    def convert(mapping, **source):
+        target = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        convert_checked(lambda s, t: io.apply_transforms(s, t, mapping=mapping),
+                        {f"layer.{k}": v for k, v in source.items()}, target)
+        return target[0]
+
+    both = {"layer.w": "0.weight", "layer.b": "0.bias"}
+    with pytest.raises(CheckpointMismatchError, match=r"^layer\.stray: in the checkpoint but "):
+        convert(both, w=torch.ones(2, 2), b=torch.ones(2), stray=torch.ones(1))
+    with pytest.raises(CheckpointMismatchError, match=r"^0\.bias: in the model but made from "):
+        convert({"layer.w": "0.weight"}, w=torch.ones(2, 2))
+    assert torch.equal(convert(both, w=torch.ones(2, 2), b=torch.full((2,), 3.0)).bias,
+                       torch.full((2,), 3.0))
+
+
+def test_export_refuses_what_transformers_cannot_compute():
+    import fiddle as fdl
+
+    config = fdl.build(deepseek_model("debug", moe_router_topk=6)).config
+    with pytest.raises(ValueError, match=(
+            r"^moe_router_group_score_topk: a group scores its top 3 experts here, "
+            r"transformers' DeepseekV3 its top 2; export a model trained with "
+            r"moe_router_group_score_topk=2$")):
+        hf_config_from(config)
+
+
+class WeightWatch(pl.Callback):
+    """Weights (and which ones train) before the first step (PEFT has
+    added its adapters by then) and at the end of a run."""
+
+    before = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.before is None:
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, trainer, pl_module):
+        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def finetune(factory, checkpoint, data, run_dir):
+    recipe = factory(restore_path=str(checkpoint), data_dir=str(data), size="debug", cpu=True,
+                     dir=str(run_dir), seq_length=64)
+    recipe.trainer.callbacks.append(run.Config(WeightWatch))
+    recorder, trainer = train(recipe)
+    assert len(recorder.losses) == 10
+    assert falls(recorder.losses, margin=0.5), recorder.losses
+    return next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+
+
+def test_lora_on_mla_trains_only_its_adapters(checkpoint, tmp_path):
+    _, imported = checkpoint("k6_of_2groups_lite")  # q full-rank: linear_q_proj
+    data = write_finetuning_data(tmp_path / "chat", chat=True)
+    watch = finetune(deepseek.lora_recipe_16b, imported, data, tmp_path / "run")
+    adapters = {n for n in watch.before if ".adapter." in n}
+    assert watch.trainable == adapters
+    adapted = {n.split(".adapter.")[0].rsplit(".", 1)[-1] for n in adapters}
+    assert adapted == {"linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj",
+                       "linear_proj"}
+    changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
+    assert changed == adapters
+
+
+def test_sft_trains_and_exports_to_transformers(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    hf, imported = checkpoint("k6_of_2groups_lite")
+    data = write_finetuning_data(tmp_path / "instructions", chat=False)
+    watch = finetune(deepseek.sft_recipe_16b, imported, data, tmp_path / "run")
+    assert watch.trainable == set(watch.before)
+    start = {n.split("module.")[-1]: w for n, w in watch.before.items()}
+    hf_weights = load_file(hf / "model.safetensors")
+    assert torch.equal(start["decoder.layers.2.mlp.router.weight"],
+                       hf_weights["model.layers.2.mlp.gate.weight"])
+
+    trained = next((tmp_path / "run").rglob("*-last"))
+    exported = export_to_hf(trained, tmp_path / "hf")
+    theirs = hf_logits(exported, TOKENS)
+    assert (nemo_logits(trained) - theirs).abs().max() < TOLERANCE
+    assert (theirs - hf_logits(hf, TOKENS)).abs().max() > 0.1  # it did train
+    original, written = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(exported)
+    for field in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                  "moe_intermediate_size", "num_attention_heads", "q_lora_rank",
+                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                  "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+                  "topk_group", "first_k_dense_replace", "routed_scaling_factor",
+                  "rope_scaling", "rope_theta", "vocab_size", "rms_norm_eps"):
+        assert getattr(written, field) == getattr(original, field), field
+    assert (exported / "tokenizer.json").is_file()
+    with pytest.raises(FileExistsError, match="^output_path: "):
+        export_to_hf(trained, exported)
+
+
+def test_an_hf_import_restores_only_without_mtp(checkpoint):
+    _, imported = checkpoint("debug")
     with pytest.raises(PlanError, match="^restore_path: .* holds no MTP weights .*"
                                         "pass mtp_layers=0"):
-        deepseek.pretrain_recipe(size="debug", cpu=True, restore_path=str(ckpt))
-    recipe = deepseek.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path / "ft"),
-                                      max_steps=2, restore_path=str(ckpt), mtp_layers=0)
-    recipe.trainer.callbacks.append(run.Config(WeightsAtStart))
-    recorder, trainer = train(recipe)
-    start = next(c for c in trainer.callbacks if isinstance(c, WeightsAtStart)).state
-    hf_state = hf.state_dict()
-    assert torch.equal(start["embedding.word_embeddings.weight"],
-                       hf_state["model.embed_tokens.weight"])
-    assert torch.equal(start["decoder.layers.1.mlp.router.expert_bias"],
-                       hf_state["model.layers.1.mlp.gate.e_score_correction_bias"])
-    assert len(recorder.losses) == 2
+        deepseek.pretrain_recipe(size="debug", cpu=True, restore_path=str(imported))
+
+
+@pytest.mark.parametrize("size", ["16b", "v3"])
+def test_full_size_fine_tuning_plans_pass_the_plan_check(size, monkeypatch, tmp_path, capsys):
+    from coom_nemo import finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "checkpoint_model",
+                        lambda path, importer: deepseek_model(size, mtp_num_layers=None))
+    data = write_finetuning_data(tmp_path / "data", chat=False)
+    for factory, method in ((getattr(deepseek, f"lora_recipe_{size}"), "lora"),
+                            (getattr(deepseek, f"sft_recipe_{size}"), "sft")):
+        recipe = factory(restore_path="/ckpt", data_dir=str(data))
+        assert recipe.trainer.num_nodes == deepseek.PRESETS[size].cluster.num_nodes
+        assert (recipe.peft is not None) == (method == "lora")
+        assert f"model=deepseek_{size}_{method} " in capsys.readouterr().out
 
 
 # -- bad input --------------------------------------------------------

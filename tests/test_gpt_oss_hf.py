@@ -64,6 +64,40 @@ def test_import_matches_hf_logits(hf_dir, imported):
     assert (ours - theirs).abs().max() < TOLERANCE
 
 
+@pytest.mark.parametrize("shape", ["top1_odd_heads", "top3_of_6"])
+def test_other_shapes_import_with_matching_logits(shape, tmp_path):
+    # top-1: megatron-core refuses it without pre-softmax, which would
+    # weigh the expert by its probability where transformers weighs 1
+    hf_dir = make_tiny_gpt_oss(tmp_path / "hf", seed=2, shape=shape)
+    imported = import_from_hf(hf_dir, tmp_path / "nemo")
+    config = AutoConfig.from_pretrained(hf_dir)
+    with loaded(imported) as model:
+        assert model.config.moe_router_topk == config.num_experts_per_tok
+        assert not model.config.moe_router_pre_softmax
+    theirs = hf_logits(hf_dir, TOKENS)
+    assert (nemo_logits(imported) - theirs).abs().max() < TOLERANCE
+    # and back: every tensor round-trips unchanged
+    assert torch.equal(hf_logits(export_to_hf(imported, tmp_path / "out"), TOKENS), theirs)
+
+
+def test_a_tensor_no_weight_takes_is_refused_in_one_line(hf_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = Path(shutil.copytree(hf_dir, tmp_path / "hf"))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_norm.weight"] = torch.ones(16)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError) as error:
+        import_from_hf(copy, tmp_path / "out")
+    assert str(error.value) == (
+        "model.layers.1.self_attn.k_norm.weight: in the checkpoint but converted into no "
+        "tensor of the model; convert into a model config of the checkpoint's architecture "
+        "(a tensor would otherwise be dropped)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_gated_import_computes_the_same_function(hf_dir, gated, tmp_path):
     with loaded(gated) as model:
         gates = [p for n, p in model.named_parameters() if n.endswith("linear_gate.weight")]

@@ -1,24 +1,112 @@
 """DeepSeek-V3-style MoE family (MLA, MTP, sigmoid routing), and its
-HuggingFace importer."""
+Hugging Face importer and exporter."""
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import nemo_run as run
+import torch
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
 from nemo.collections.llm.gpt.model.deepseek import (
     DeepSeekModel,
     DeepSeekV3Config,
+    HFDeepSeekExporter,
     HFDeepSeekImporter,
 )
-from nemo.lightning import io
+from nemo.lightning import io, teardown
 from nemo.lightning.io.state import TransformFns
 
 from coom_nemo.models.base import CoomConfig
+from coom_nemo.models.conversion import (
+    CheckpointMismatchError,
+    convert_checked,
+    first_of,
+    new_output,
+    on_this_host,
+)
 from coom_nemo.models.specs import layer_spec
+
+log = logging.getLogger(__name__)
+
+# transformers' DeepSeek-V3 scores an expert group by its top 2
+# experts (modeling_deepseek_v3.py:126-130, ``topk(2)``)
+HF_GROUP_SCORE_TOPK = 2
+
+
+def _group_scored_by(config) -> int | None:
+    """Experts per group whose scores make the group's score, where
+    that differs from megatron-core's ``topk // group_topk``
+    (moe_utils.py:467-469); None where it does not."""
+    wanted = getattr(config, "moe_router_group_score_topk", None)
+    groups = config.moe_router_group_topk
+    if wanted is None or not groups or groups == config.moe_router_num_groups:
+        return None  # no groups, or every group is chosen anyway
+    return None if wanted == config.moe_router_topk // groups else wanted
+
+
+def _group_limited_topk(scores, topk, num_tokens, num_experts, num_groups, group_topk, *,
+                        group_score_topk):
+    """transformers' DeepSeek-V3 group-limited top-k
+    (modeling_deepseek_v3.py:124-141): a group scores the sum of its
+    top ``group_score_topk`` experts; experts outside the chosen groups
+    score 0 (not -inf), and the probabilities are the scores of the
+    chosen experts."""
+    grouped = scores.view(num_tokens, num_groups, -1)
+    group_scores = grouped.topk(group_score_topk, dim=-1)[0].sum(dim=-1)
+    chosen = group_scores.topk(group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, chosen, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, -1)
+    top_indices = scores.masked_fill(~expert_mask.bool(), 0.0).topk(topk, dim=-1)[1]
+    return scores.gather(1, top_indices), top_indices
+
+
+class GroupScoreRouter(TopKRouter):
+    """megatron-core's router with a group's score taken from its
+    top ``moe_router_group_score_topk`` experts, as transformers'
+    DeepSeek-V3 does; everything else (expert bias, aux losses,
+    dropping) is megatron-core's. ``routing`` hands megatron-core's
+    top-k (moe_utils.py:569-577 calls the module's
+    ``group_limited_topk``) this group choice for the call."""
+
+    def routing(self, logits):
+        original = moe_utils.group_limited_topk
+        moe_utils.group_limited_topk = functools.partial(
+            _group_limited_topk, group_score_topk=self.config.moe_router_group_score_topk)
+        try:
+            return super().routing(logits)
+        finally:
+            moe_utils.group_limited_topk = original
+
+
+class GroupScoreMoELayer(MoELayer):
+    """MoELayer with :class:`GroupScoreRouter` (megatron-core builds its
+    router in ``MoELayer.__init__``, moe_layer.py:124, not from the
+    spec)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        pg_collection = pg_collection or moe_utils.get_default_pg_collection()
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self.router = GroupScoreRouter(config=self.config, pg_collection=pg_collection)
+
+
+def deepseek_layer_spec(config, vp_stage: int | None = None):
+    """:func:`layer_spec`, with :class:`GroupScoreMoELayer` where the
+    config scores expert groups unlike megatron-core."""
+    block = layer_spec(config, vp_stage)
+    if _group_scored_by(config):
+        for layer in block.layer_specs:
+            if layer.submodules.mlp.module is MoELayer:
+                layer.submodules.mlp.module = GroupScoreMoELayer
+    return block
 
 
 @dataclass
@@ -26,14 +114,31 @@ class CoomDeepSeekConfig(CoomConfig, DeepSeekV3Config):
     """DeepSeek-V3 architecture: MLA, shared + fine-grained routed
     experts, sigmoid router with group-limited routing, aux-loss-free
     expert bias plus a sequence-wise aux loss, optional multi-token
-    prediction (MTP) and token dropping (capacity factor)."""
+    prediction (MTP) and token dropping (capacity factor).
 
-    transformer_layer_spec: object = layer_spec
+    Attributes:
+        moe_router_group_score_topk: How many of an expert group's
+            best experts add up to its score in group-limited routing.
+            None: megatron-core's ``moe_router_topk //
+            moe_router_group_topk``; a Hugging Face import sets
+            transformers' 2.
+    """
+
+    transformer_layer_spec: object = deepseek_layer_spec
+    moe_router_group_score_topk: int | None = None
+
+    def __post_init__(self):
+        if _group_scored_by(self):
+            # TE's fused router kernel (moe_router_fusion) scores groups
+            # megatron-core's way; GroupScoreRouter needs the torch path
+            self.moe_router_fusion = False
+        super().__post_init__()
 
 
 class CoomDeepSeekModel(DeepSeekModel):
     """``DeepSeekModel`` whose HF importer builds a
-    :class:`CoomDeepSeekConfig` (so an import runs without TE)."""
+    :class:`CoomDeepSeekConfig` (so an import runs without TE), and
+    which exports to transformers' ``DeepseekV3ForCausalLM``."""
 
 
 SIZES = {
@@ -81,10 +186,36 @@ class HFCoomDeepSeekImporter(HFDeepSeekImporter):
     NeMo's importer reads fields only DeepSeek's remote code defines
     (``scoring_func``), keeps V3's YaRN defaults whatever the checkpoint
     says, and maps routed experts to TE's grouped layout only. This one
-    reads transformers' config, RoPE included, builds our config, and
-    also maps megatron-core's local experts (hosts without TE). MTP
-    weights are not imported (transformers' model holds none).
+    reads transformers' config, RoPE and group routing included, builds
+    our config, and also maps megatron-core's local experts (hosts
+    without TE). Every tensor is accounted for
+    (:func:`~coom_nemo.models.conversion.convert_checked`). MTP weights
+    are not imported (transformers' model holds none).
     """
+
+    def apply(self, output_path: Path) -> Path:
+        from transformers import AutoModelForCausalLM
+
+        self.trust_remote_code = None
+        self._verify_source()
+        # transformers drops file tensors its model does not hold and
+        # initialises the ones the files lack; refuse both instead
+        source, loading = AutoModelForCausalLM.from_pretrained(
+            str(self), dtype="auto", output_loading_info=True)
+        for kind, problem in (("unexpected_keys", "in the checkpoint but not in transformers' "
+                               "DeepseekV3 of its config.json"),
+                              ("missing_keys", "missing from the checkpoint"),
+                              ("mismatched_keys", "shaped unlike its config.json says")):
+            names = sorted(str(name) for name in loading[kind])
+            if names:
+                raise CheckpointMismatchError(first_of(names), problem,
+                                              "give a complete checkpoint of one architecture")
+        target = self.init()
+        trainer = self.nemo_setup(target)
+        self.convert_state(source, target)
+        self.nemo_save(output_path, trainer)
+        teardown(trainer, target)
+        return output_path
 
     def init(self) -> CoomDeepSeekModel:
         return CoomDeepSeekModel(self.config, tokenizer=self.tokenizer)
@@ -96,11 +227,12 @@ class HFCoomDeepSeekImporter(HFDeepSeekImporter):
         return CoomDeepSeekConfig(**config_from_hf(AutoConfig.from_pretrained(str(self))))
 
     def convert_state(self, source, target):
-        layer = target.module.decoder.layers[-1]
-        if not hasattr(layer.mlp.experts, "local_experts"):
+        return convert_checked(self._convert, dict(source.state_dict()), target)
+
+    def _convert(self, source, target):
+        if not _local_experts(target):
             return super().convert_state(source, target)  # TE grouped experts
-        # map what the checkpoint holds (no q_proj where q is low-rank);
-        # apply_transforms still fails on any weight left unfilled
+        # map what the checkpoint holds (no q_proj where q is low-rank)
         keys = list(source.state_dict())
         mapping = {hf: mcore for hf, mcore in _LOCAL_SPEC_MAPPING.items()
                    if fnmatch.filter(keys, hf)}
@@ -108,17 +240,95 @@ class HFCoomDeepSeekImporter(HFDeepSeekImporter):
         return io.apply_transforms(source, target, mapping=mapping, transforms=merges)
 
 
+@io.model_exporter(CoomDeepSeekModel, "hf")
+class HFCoomDeepSeekExporter(HFDeepSeekExporter):
+    """:class:`CoomDeepSeekModel` checkpoint -> transformers'
+    ``DeepseekV3ForCausalLM`` (plus its tokenizer when it is a HF one).
+
+    NeMo's exporter builds the HF model from a hub checkpoint's remote
+    code; this one builds it from the config here. MTP layers have no
+    form in transformers' model: they are left out (logged), and the
+    exported model computes the same logits. Every other tensor is
+    accounted for (``conversion.convert_checked``).
+    """
+
+    def apply(self, output_path: Path) -> Path:
+        from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_utils import no_init_weights
+
+        source, _ = self.nemo_load(str(self))
+        with no_init_weights():
+            target = AutoModelForCausalLM.from_config(
+                self.config, dtype=torch_dtype_from_mcore_config(source.config))
+        state = {name: tensor for name, tensor in source.module.state_dict().items()
+                 if not name.startswith("mtp.")}
+        dropped = len(source.module.state_dict()) - len(state)
+        if dropped:
+            log.warning("%d MTP tensors left out: transformers' DeepseekV3 has no MTP layer",
+                        dropped)
+        convert_checked(self._convert, state, target, source_name="NeMo checkpoint",
+                        target_name="HF model")
+        target.cpu().save_pretrained(output_path)
+        tokenizer = getattr(self.tokenizer, "tokenizer", None)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(output_path)
+        else:
+            log.warning("the checkpoint's tokenizer (%s) has no HF form: add one to %s",
+                        type(self.tokenizer).__name__, output_path)
+        return output_path
+
+    def _convert(self, source, target):
+        keys = list(source.state_dict())
+        if not any(".local_experts." in key for key in keys):  # TE grouped experts
+            return super().convert_state(dict(source.state_dict()), target,
+                                         dict(vars(self.nemo_config)))
+        mapping = {mcore: hf for hf, mcore in _LOCAL_SPEC_MAPPING.items()
+                   if fnmatch.filter(keys, mcore)}
+        splits = [io.state_transform(source_key=t.target_key, target_key=t.source_key,
+                                     fn=TransformFns.split_fc1)
+                  for t in _LOCAL_SPEC_MERGES if fnmatch.filter(keys, t.target_key)]
+        return io.apply_transforms(source, target, mapping=mapping, transforms=splits)
+
+    @cached_property
+    def nemo_config(self) -> CoomDeepSeekConfig:
+        return io.load_context(str(self), subpath="model.config")
+
+    @cached_property
+    def config(self):
+        return hf_config_from(self.nemo_config)
+
+
+def _local_experts(model) -> bool:
+    return hasattr(model.module.decoder.layers[-1].mlp.experts, "local_experts")
+
+
+# transformers' DeepseekV3Config fields our import cannot map, with the
+# value it maps: anything else is refused in one line
+_FIXED_HF_FIELDS = {
+    "hidden_act": "silu",  # megatron-core's SwiGLU
+    "attention_bias": False,  # MLA's projections have no bias
+    "tie_word_embeddings": False,
+    "norm_topk_prob": True,  # megatron-core's sigmoid router normalizes
+    "rope_interleave": True,  # MLA's RoPE de-interleaves as V3 does
+}
+
+
 def config_from_hf(hf) -> dict:
     """:class:`CoomDeepSeekConfig` fields of a transformers
     ``DeepseekV3Config``."""
-    import torch
-
     if hf.model_type != "deepseek_v3":
         raise ValueError(f"config.json: model_type {hf.model_type!r} is not 'deepseek_v3'; "
                          "this importer reads DeepSeek-V3 checkpoints only")
-    if not getattr(hf, "norm_topk_prob", True):
-        raise ValueError("config.json: norm_topk_prob=false is not supported; megatron-core's "
-                         "sigmoid router always normalizes the top-k weights")
+    for field, value in _FIXED_HF_FIELDS.items():
+        if getattr(hf, field, value) != value:
+            raise ValueError(f"config.json: {field}={getattr(hf, field)!r} is not supported; "
+                             f"megatron-core's DeepSeek-V3 model has {field}={value!r}")
+    if hf.num_experts_per_tok < 2:
+        # moe_utils.py:597 leaves a single expert's sigmoid score
+        # unnormalized; transformers weighs it 1
+        raise ValueError("config.json: num_experts_per_tok=1 is not supported; megatron-core's "
+                         "sigmoid router weighs one expert by its score, transformers by 1")
     dense = hf.first_k_dense_replace
     dtype = getattr(hf, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -134,6 +344,7 @@ def config_from_hf(hf) -> dict:
         moe_layer_freq=[0] * dense + [1] * (hf.num_hidden_layers - dense),
         moe_router_topk=hf.num_experts_per_tok, moe_router_num_groups=hf.n_group,
         moe_router_group_topk=hf.topk_group,
+        moe_router_group_score_topk=HF_GROUP_SCORE_TOPK,
         moe_router_topk_scaling_factor=hf.routed_scaling_factor,
         mtp_num_layers=None, mtp_loss_scaling_factor=None,
         vocab_size=hf.vocab_size,
@@ -151,6 +362,91 @@ def config_from_hf(hf) -> dict:
             "beta_fast": scaling.get("beta_fast", 32), "beta_slow": scaling.get("beta_slow", 1),
             "mscale": scaling.get("mscale", 1.0),
             "mscale_all_dim": scaling.get("mscale_all_dim", 0.0)}
+
+
+def hf_config_from(cfg):
+    """transformers ``DeepseekV3Config`` of a coom DeepSeek config;
+    what transformers' model cannot compute is refused in one line."""
+    from transformers import DeepseekV3Config
+
+    dense = cfg.moe_layer_freq if isinstance(cfg.moe_layer_freq, list) else None
+    if dense is None or sorted(dense) != dense or not all(f in (0, 1) for f in dense):
+        raise ValueError(f"moe_layer_freq: {cfg.moe_layer_freq!r} has no HF form; use dense "
+                         "layers first, then MoE layers (a list of 0s, then 1s)")
+    groups, chosen = cfg.moe_router_num_groups or 1, cfg.moe_router_group_topk or 1
+    scored_by = cfg.moe_router_group_score_topk or cfg.moe_router_topk // chosen
+    if chosen < groups and scored_by != HF_GROUP_SCORE_TOPK:
+        raise ValueError(f"moe_router_group_score_topk: a group scores its top {scored_by} "
+                         f"experts here, transformers' DeepseekV3 its top {HF_GROUP_SCORE_TOPK}; "
+                         f"export a model trained with moe_router_group_score_topk="
+                         f"{HF_GROUP_SCORE_TOPK}")
+    checks = {"moe_router_score_function": "sigmoid", "share_embeddings_and_output_weights":
+              False, "moe_router_enable_expert_bias": True, "gated_linear_unit": True,
+              "attention_gate": False}
+    for field, value in checks.items():
+        if getattr(cfg, field) != value:
+            raise ValueError(f"{field}: {getattr(cfg, field)!r} has no HF DeepseekV3 form; "
+                             f"export a model trained with {field}={value!r}")
+    shared = cfg.moe_shared_expert_intermediate_size or 0
+    if shared % cfg.moe_ffn_hidden_size:
+        raise ValueError(f"moe_shared_expert_intermediate_size: {shared} is not a multiple of "
+                         f"moe_ffn_hidden_size {cfg.moe_ffn_hidden_size}, as HF's "
+                         "n_shared_experts needs; export a model where it is")
+    rope_scaling = None
+    if cfg.rope_type == "yarn":
+        rope_scaling = {"rope_type": "yarn", "factor": cfg.rotary_scaling_factor,
+                        "original_max_position_embeddings": cfg.original_max_position_embeddings,
+                        "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
+                        "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale_all_dim}
+    elif cfg.mscale_all_dim:
+        raise ValueError(f"mscale_all_dim: {cfg.mscale_all_dim} without YaRN has no HF form; "
+                         "use 0")
+    return DeepseekV3Config(
+        num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_head_dim,
+        qk_rope_head_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim,
+        n_routed_experts=cfg.num_moe_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+        n_shared_experts=shared // cfg.moe_ffn_hidden_size,
+        first_k_dense_replace=dense.count(0), num_experts_per_tok=cfg.moe_router_topk,
+        n_group=groups, topk_group=chosen,
+        routed_scaling_factor=cfg.moe_router_topk_scaling_factor or 1.0,
+        vocab_size=cfg.vocab_size, rms_norm_eps=cfg.layernorm_epsilon,
+        rope_theta=cfg.rotary_base, rope_scaling=rope_scaling,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        dtype=cfg.params_dtype,
+    )
+
+
+def import_from_hf(hf_dir, output_path) -> Path:
+    """Import a HF DeepSeek-V3 directory as a NeMo checkpoint (of the
+    checkpoint's own architecture, from its config.json)."""
+    from nemo.collections import llm
+
+    source = Path(hf_dir)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"hf_dir: {source}/config.json does not exist; give the "
+                                "directory of a Hugging Face DeepSeek-V3 checkpoint")
+    output = new_output(output_path)
+    with on_this_host():
+        return llm.import_ckpt(CoomDeepSeekModel(), f"hf://{source.resolve()}",
+                               output_path=output)
+
+
+def export_to_hf(checkpoint, output_path) -> Path:
+    """Write a NeMo DeepSeek checkpoint as a HF directory
+    (``DeepseekV3ForCausalLM``; MTP layers are left out)."""
+    from nemo.collections import llm
+
+    source = Path(checkpoint)
+    if not (source / "context").is_dir():
+        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
+                                "checkpoint directory (with context/ and weights/)")
+    hf_config_from(io.load_context(str(source / "context"), subpath="model.config"))
+    output = new_output(output_path)
+    with on_this_host():
+        return llm.export_ckpt(source, "hf", output_path=output)
 
 
 # HF DeepSeek-V3 names -> megatron-core local-spec names (norms are

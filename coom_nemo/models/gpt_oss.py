@@ -42,7 +42,22 @@ class CoomGptOssConfig(CoomConfig, GPTOSSConfig20B):
     def __post_init__(self):
         if not use_transformer_engine():
             self.bias_activation_fusion = False
-        super().__post_init__()
+        # GPT-OSS routes by softmax over the top k logits (transformers'
+        # modeling_gpt_oss.py:155-156), which megatron-core computes
+        # with moe_router_pre_softmax=False (moe_utils.py:586-588). At
+        # k=1 that weighs the one expert by 1, so the router learns
+        # nothing, and megatron-core refuses it
+        # (transformer_config.py:1336-1344); pre-softmax would weigh it
+        # by its softmax probability instead, another model. Keep
+        # GPT-OSS's function: pass the check as k=2, then route top-1.
+        top1 = self.moe_router_topk == 1 and not self.moe_router_pre_softmax
+        if top1:
+            self.moe_router_topk = 2
+        try:
+            super().__post_init__()
+        finally:
+            if top1:
+                self.moe_router_topk = 1
 
 
 class CoomGptOssModel(GPTOSSModel):

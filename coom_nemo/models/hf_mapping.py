@@ -22,7 +22,6 @@ holds one of them, and the row whose names it holds is used.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 
@@ -175,19 +174,3 @@ def megatron_state(model) -> dict[str, torch.Tensor]:
     ``_extra_state`` entries are not weights)."""
     return {name: tensor for name, tensor in megatron_core(model).state_dict().items()
             if not name.endswith("_extra_state")}
-
-
-@contextlib.contextmanager
-def on_this_host():
-    """NeMo's connectors build the model with ``accelerator="cpu"``:
-    on a host without CUDA that needs CPU mode. Afterwards the process
-    groups go, so a later run in this process starts clean."""
-    from coom_nemo import cpu_mode
-    from coom_nemo.strategy import _release_global_state
-
-    host = contextlib.nullcontext() if torch.cuda.is_available() else cpu_mode.cpu_mode()
-    with host:
-        try:
-            yield
-        finally:
-            _release_global_state()

@@ -25,6 +25,7 @@ import torch
 from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, HFLlamaImporter
 from nemo.lightning import io, teardown
 
+from coom_nemo.models.conversion import new_output, on_this_host
 from coom_nemo.models.hf_mapping import (
     QKV,
     GatedMLP,
@@ -32,7 +33,6 @@ from coom_nemo.models.hf_mapping import (
     convert,
     direct,
     megatron_state,
-    on_this_host,
 )
 from coom_nemo.models.llama import CoomLlama31Config
 
@@ -218,14 +218,6 @@ class HFLlama31Exporter(HFLlamaExporter):
         return hf_config_from(self.nemo_config, getattr(self.tokenizer, "tokenizer", None))
 
 
-def _new_output(output_path, field="output_path") -> Path:
-    output = Path(output_path)
-    if output.exists():
-        raise FileExistsError(f"{field}: {output} already exists; give a new directory "
-                              "(nothing is overwritten)")
-    return output
-
-
 def import_from_hf(hf_dir, output_path) -> Path:
     """Import a local HF Llama 3.1 directory as a NeMo checkpoint
     (``context/`` + ``weights/``), what fine-tuning and pretraining
@@ -234,7 +226,7 @@ def import_from_hf(hf_dir, output_path) -> Path:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"hf_dir: {source}/config.json does not exist; give the "
                                 "directory of a Hugging Face Llama checkpoint")
-    output = _new_output(output_path)
+    output = new_output(output_path)
     importer = HFLlama31Importer(str(source.resolve()))
     _ = importer.config  # a foreign config is refused before anything is written
     with on_this_host():
@@ -247,7 +239,7 @@ def export_to_hf(checkpoint, output_path) -> Path:
     if not (source / "context").is_dir():
         raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
                                 "checkpoint directory (with context/ and weights/)")
-    output = _new_output(output_path)
+    output = new_output(output_path)
     with on_this_host():
         return HFLlama31Exporter(str(source.resolve()))(output_path=output)
 

@@ -26,4 +26,8 @@ FINETUNE_FACTORIES = {
     "coom_gpt_oss_20b_lora": gpt_oss_20b.lora_recipe,
     "coom_gpt_oss_20b_sft": gpt_oss_20b.sft_recipe,
     **llama31_finetune.FACTORIES,
+    "coom_deepseek_16b_lora": deepseek.lora_recipe_16b,
+    "coom_deepseek_16b_sft": deepseek.sft_recipe_16b,
+    "coom_deepseek_v3_lora": deepseek.lora_recipe_v3,
+    "coom_deepseek_v3_sft": deepseek.sft_recipe_v3,
 }

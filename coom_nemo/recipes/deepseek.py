@@ -1,4 +1,12 @@
-"""DeepSeek-style MoE recipes: coom_deepseek, coom_deepseek_v3."""
+"""DeepSeek-style MoE recipes.
+
+Pretraining: ``coom_deepseek`` (16B, default) and ``coom_deepseek_v3``
+(671B). Fine-tuning from an imported HF checkpoint
+(:func:`coom_nemo.models.deepseek.import_from_hf`) on local JSONL:
+``coom_deepseek_16b_lora``, ``coom_deepseek_16b_sft``,
+``coom_deepseek_v3_lora``, ``coom_deepseek_v3_sft`` (each also takes
+``size=debug``, the tiny models of the tests).
+"""
 
 # No `from __future__ import annotations`: NeMo-Run reads the
 # factories' annotations as types to parse CLI arguments.
@@ -9,6 +17,7 @@ import nemo_run as run
 from nemo.collections import llm
 
 from coom_nemo.factory import launch_arguments
+from coom_nemo.finetune import Tuning, finetune
 from coom_nemo.models.deepseek import deepseek_model
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.plan import PlanError
@@ -140,3 +149,56 @@ pretrain_recipe = run.cli.factory(target=llm.pretrain, name="coom_deepseek")(
     launch_arguments(size="16b")(_recipe))
 pretrain_recipe_v3 = run.cli.factory(target=llm.pretrain, name="coom_deepseek_v3")(
     launch_arguments(size="v3")(_recipe))
+
+
+# Fine-tuning keeps each size's pretraining layout: the plan check
+# counts gradients and Adam state for frozen weights too, so LoRA gets
+# no smaller layout than SFT. LoRA at 1e-4, SFT at 5e-6 (NeMo 2.7.3's
+# deepseek_v3 finetune_recipe values).
+_FT_SCHEDULE = Schedule(max_steps=1000, val_check_interval=50)
+_FT_DEBUG = Schedule(max_steps=10, val_check_interval=5, limit_val_batches=1)
+_LORA_OPTIM = Optim(lr=1e-4, warmup_steps=50, weight_decay=0.0)
+_SFT_OPTIM = Optim(lr=5e-6, warmup_steps=50)
+FINETUNE = {
+    **{(size, method): Tuning(layout=PRESETS[size].layout, cluster=PRESETS[size].cluster,
+                              global_batch_size=batch, schedule=_FT_SCHEDULE, optim=optim)
+       for size, batch in (("16b", 32), ("v3", 128))
+       for method, optim in (("lora", _LORA_OPTIM), ("sft", _SFT_OPTIM))},
+    ("debug", "lora"): Tuning(layout=Layout(), cluster=PRESETS["debug"].cluster,
+                              global_batch_size=4, micro_batch_size=2, schedule=_FT_DEBUG,
+                              optim=Optim(lr=1e-2, warmup_steps=2, weight_decay=0.0)),
+    ("debug", "sft"): Tuning(layout=Layout(), cluster=PRESETS["debug"].cluster,
+                             global_batch_size=4, micro_batch_size=2, schedule=_FT_DEBUG,
+                             optim=Optim(lr=1e-3, warmup_steps=2)),
+}
+
+# MLA's projections, as megatron-core names them with and without TE
+# (q_proj where q is full-rank, q_down/q_up where it is low-rank)
+LORA_TARGETS = ["linear_q_proj", "linear_q_down_proj", "linear_q_up_proj",
+                "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]
+
+
+def _finetune(method, restore_path, data_dir, **launch):
+    return finetune(FINETUNE, method, family="deepseek", lora_targets=LORA_TARGETS,
+                    importer="coom_nemo.models.deepseek.import_from_hf",
+                    restore_path=restore_path, data_dir=data_dir, **launch)
+
+
+def _finetune_factory(method: str, size: str, name: str, doc: str):
+    def factory(restore_path: Optional[str] = None, data_dir: Optional[str] = None,
+                **launch) -> run.Partial:
+        return _finetune(method, restore_path, data_dir, **launch)
+
+    factory.__doc__ = doc
+    factory.__name__ = factory.__qualname__ = name.removeprefix("coom_") + "_recipe"
+    # fine-tuning data: a directory of JSONL files, not indexed prefixes
+    arguments = launch_arguments(size=size, exclude=("data_paths", "tokenizer"))
+    return run.cli.factory(target=llm.finetune, name=name)(arguments(factory))
+
+
+_LORA_DOC = "LoRA on MLA's projections of an imported DeepSeek-V3 checkpoint."
+_SFT_DOC = "Full supervised fine-tuning of an imported DeepSeek-V3 checkpoint."
+lora_recipe_16b = _finetune_factory("lora", "16b", "coom_deepseek_16b_lora", _LORA_DOC)
+sft_recipe_16b = _finetune_factory("sft", "16b", "coom_deepseek_16b_sft", _SFT_DOC)
+lora_recipe_v3 = _finetune_factory("lora", "v3", "coom_deepseek_v3_lora", _LORA_DOC)
+sft_recipe_v3 = _finetune_factory("sft", "v3", "coom_deepseek_v3_sft", _SFT_DOC)
