@@ -13,7 +13,7 @@ from coom_nemo.faults import parse_fault
 def test_a_raising_rank_ends_the_job_with_its_error(run_cmd, tmp_path):
     started = time.time()
     code, out = run_cmd([PYTHON, str(ROOT / "recipes" / "llama31_405b.py"), "--cpu", "--size",
-                         "debug", "--gpus-per-node", "2", "--max-steps", "200",
+                         "debug", "--no-mlperf", "--gpus-per-node", "2", "--max-steps", "200",
                          "--dir", str(tmp_path / "run")],
                         env={"COOM_INJECT_FAULT": "raise@3:rank1"}, timeout=300)
     assert code != 0, out[-2000:]
