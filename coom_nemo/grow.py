@@ -279,10 +279,13 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _OUTPUT_PROJ = re.compile(r"(self_attention\.linear_proj|linear_fc2)\.(weight|bias)\d*$")
 _EXPERT = re.compile(r"^(.*\.experts\.)(?:local_experts\.(\d+)\.(.*)|(linear_fc[12]\.\w+?)(\d+))$")
 # Weights that read the residual stream (hidden is their last dim) and
-# vectors over it (norms); TE fuses norms into linear_qkv / linear_fc1.
+# vectors over it (norms; TE fuses the input norms into the first
+# projection). MLA's q/kv norms are over its latents, not hidden.
 _READS = re.compile(r"(linear_qkv|linear_q_proj|linear_q_down_proj|linear_kv_down_proj"
                     r"|linear_gate|linear_fc1|router|output_layer)\.weight$")
-_NORMS = re.compile(r"(layernorm|enorm|hnorm)\.(weight|bias)$|layer_norm_(weight|bias)$")
+_NORMS = re.compile(r"(input_layernorm|pre_mlp_layernorm|final_layernorm|enorm|hnorm)"
+                    r"\.(weight|bias)$|(linear_qkv|linear_fc1|linear_q_proj|linear_q_down_proj"
+                    r"|linear_kv_down_proj)\.layer_norm_(weight|bias)$")
 _WRITES = re.compile(r"(linear_proj|linear_fc2)\.(weight|bias)\d*$"
                      r"|word_embeddings\.weight$|eh_proj\.weight$")
 

@@ -52,7 +52,8 @@ def head_logits(path):
         module = model.module
         module.eval()
         heads = []  # every output_layer call: the MTP heads, then the main one
-        module.output_layer.register_forward_hook(lambda m, i, o: heads.append(o[0].float()))
+        # a copy: megatron-core's cross entropy works in place on the logits
+        module.output_layer.register_forward_hook(lambda m, i, o: heads.append(o[0].clone()))
         tokens, positions = batch()
         with torch.no_grad():  # labels: megatron-core's MTP needs them
             module(tokens, positions, attention_mask=None, labels=tokens)
