@@ -1,4 +1,4 @@
-"""Progressive growth on CPU: 2 -> 4 layers against 4 layers from scratch.
+"""Progressive growth on CPU: 2 -> 4 layers vs 4 layers from scratch.
 
 For each seed: the debug Llama 3.1 with 2 layers trains SMALL steps, is
 grown to 4 layers (G_stack: 0, 1, 0, 1) and trains TOTAL - SMALL more
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 DATA = ROOT / "data" / "english"
 TOKENIZER = f"sentencepiece:{DATA}/spm1024.model"
 OUT = ROOT / "bench" / "grow_results"
+RUNS = ROOT / "runs" / "grow_experiment"  # git-ignored
 LR, MIN_LR, WARMUP = 3e-3, 3e-4, 10
 SMOOTH = 20  # steps in the moving average of the training loss
 
@@ -42,7 +43,7 @@ def prepare_data():
 
 
 def run(name, layers, steps, seed, warmup, restore=None, data_seed=None):
-    """Train the debug Llama; return (losses, FLOPs per step, run dir)."""
+    """Train the debug Llama: (losses, FLOPs per step, run dir)."""
     import fiddle as fdl
     import nemo_run as nrun
     from helpers import train
@@ -51,7 +52,7 @@ def run(name, layers, steps, seed, warmup, restore=None, data_seed=None):
     from coom_nemo.recipe import FixedCosineAnnealingScheduler
     from coom_nemo.recipes import FACTORIES
 
-    out = OUT / "runs" / name
+    out = RUNS / name
     recipe = FACTORIES["coom_llama31_405b"](
         size="debug", cpu=True, dir=str(out), max_steps=steps, seed=seed,
         data_paths=[str(DATA / "indexed" / "train")], tokenizer=TOKENIZER,
@@ -79,7 +80,7 @@ def smooth(losses):
 
 
 def flops_to_reach(curve, target):
-    """First cumulative FLOPs at which the smoothed loss is <= target."""
+    """First cumulative FLOPs where the smoothed loss is <= target."""
     for flops, loss in curve:
         if loss <= target:
             return flops
@@ -91,8 +92,8 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--small-steps", type=int, default=80)
-    parser.add_argument("--total-steps", type=int, default=240)
+    parser.add_argument("--small-steps", type=int, default=100)
+    parser.add_argument("--total-steps", type=int, default=300)
     args = parser.parse_args()
     prepare_data()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -100,12 +101,13 @@ def main():
     curves = {}
     for seed in args.seeds:
         small, f2, small_dir = run(f"s{seed}-small", 2, small_steps, seed, WARMUP)
-        grown_ckpt = OUT / "runs" / f"s{seed}-grown"
+        grown_ckpt = RUNS / f"s{seed}-grown"
         grow.grow_checkpoint(last_checkpoint(small_dir), grown_ckpt, grow.Growth(layers=4))
         spent = small_steps * f2
         for label, warmup in (("grown_rewarmup", WARMUP), ("grown_no_rewarmup", 0)):
-            # the continuation draws batches in another order: the grown
-            # model should not meet the small model's batches first again
+            # the continuation draws batches in another order: the
+            # grown model should not meet the small model's batches
+            # first again
             losses, f4, _ = run(f"s{seed}-{label}", 4, total - small_steps, seed, warmup,
                                 restore=grown_ckpt, data_seed=seed + 1000)
             curves[f"{label}/{seed}"] = [(spent + (i + 1) * f4, loss)
@@ -151,7 +153,7 @@ def plot(curves, seeds):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, curve in curves.items():
         label, seed = key.split("/")
-        xs, ys = zip(*curve)
+        xs, ys = zip(*curve, strict=True)
         ax.plot([x / 1e12 for x in xs], ys, color=colors[label], lw=1,
                 label=label.replace("_", " ") if seed == str(seeds[0]) else None)
     ax.set_xlabel("cumulative training FLOPs (TFLOP)")

@@ -45,14 +45,16 @@ def batch(vocab: int = 1024, length: int = 24):
 
 
 def head_logits(path):
-    """Logits of the main head, then of every MTP head, on :func:`batch`,
-    and the full state dict, of the checkpoint at ``path``."""
+    """Logits of the main head, then of every MTP head, on
+    :func:`batch`, and the full state dict, of the checkpoint at
+    ``path``."""
     with grow.on_this_host():
         model = grow.load_model(path)
         module = model.module
         module.eval()
-        heads = []  # every output_layer call: the MTP heads, then the main one
-        # a copy: megatron-core's cross entropy works in place on the logits
+        # every output_layer call (the MTP heads, then the main one),
+        # copied: megatron-core's cross entropy works in place on them
+        heads = []
         module.output_layer.register_forward_hook(lambda m, i, o: heads.append(o[0].clone()))
         tokens, positions = batch()
         with torch.no_grad():  # labels: megatron-core's MTP needs them

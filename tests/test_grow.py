@@ -71,7 +71,7 @@ def sources(tmp_path_factory):
 
 def assert_same_logits(grown, source):
     assert len(grown) == len(source)
-    for g, s in zip(grown, source):
+    for g, s in zip(grown, source, strict=True):
         assert g.shape == s.shape
         assert (g - s).abs().max().item() < 1e-5, (g - s).abs().max().item()
 
