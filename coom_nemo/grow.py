@@ -52,13 +52,14 @@ and its copies then stay identical under training (symmetric).
 
 GPT-OSS's sliding-window alternation follows the grown layer index,
 megatron-core's rule (transformer/utils.py
-``is_layer_window_attention``: layer ``k`` (0-based) is windowed unless ``(k + 1) % freq == 0``). A
-live layer (one that is not a zeroed copy) must therefore land on an
-index of its source layer's kind; a growth that would move one to the
-other kind is refused (e.g. stacking an odd number of layers). Zeroed
-copies may sit anywhere: they compute nothing. A per-layer list
-pattern (``window_attn_skip_freq=[...]``) is grown with the layers
-instead, as ``moe_layer_freq`` is (DeepSeek's dense first layer).
+``is_layer_window_attention``: layer ``k`` (0-based) is windowed unless
+``(k + 1) % freq == 0``). A live layer (one that is not a zeroed copy)
+must therefore land on an index of its source layer's kind; a growth
+that would move one to the other kind is refused (e.g. stacking an odd
+number of layers). Zeroed copies may sit anywhere: they compute nothing.
+A per-layer list pattern (``window_attn_skip_freq=[...]``) is grown with
+the layers instead, as ``moe_layer_freq`` is (DeepSeek's dense first
+layer).
 
 MTP layers (DeepSeek) keep their depth and grow in width. The optimizer
 state is not grown: a run restored from the grown checkpoint starts with

@@ -9,19 +9,19 @@ import torch
 from coom_nemo import grow
 
 
-def randomize(module, salt: str = "") -> None:
+def randomize(module, salt=lambda name, p: "") -> None:
     """Every parameter random, norms around 1 and biases off zero; the
-    same name (and salt) gives the same values."""
+    same name and ``salt(name, p)`` give the same values."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(f"{salt}{name}".encode()))
+            g = torch.Generator().manual_seed(zlib.crc32(f"{salt(name, p)}{name}".encode()))
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             scale = 0.5 if "word_embeddings" in name else 0.08
             value = noise * scale + (1.0 if "norm" in name else 0.0)
             p.copy_(value.to(p.dtype))
         for name, b in module.named_buffers():
             if name.endswith("expert_bias"):
-                g = torch.Generator().manual_seed(zlib.crc32(f"{salt}{name}".encode()))
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
                 b.copy_(torch.randn(b.shape, generator=g) * 0.05)
 
 

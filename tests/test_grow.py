@@ -44,10 +44,11 @@ GROWTHS = {
 def growth_for(config, name) -> Growth:
     spec = dict(GROWTHS[name])
     moe = bool(getattr(config, "num_moe_experts", None))
-    if spec.get("experts") and not moe:
-        return None
     if not moe:
+        if name == "experts":
+            return None
         spec.pop("moe_ffn", None)
+        spec.pop("experts", None)
     sizes = dict(hidden="hidden_size", ffn="ffn_hidden_size", moe_ffn="moe_ffn_hidden_size",
                  experts="num_moe_experts")
     for key, field in sizes.items():
@@ -150,6 +151,15 @@ def test_window_alternation_follows_the_grown_index(sources):
     assert grow.plan_growth(config, Growth(layers=6, preserve=True)).zeroed == {3, 4, 5}
     assert grow.plan_growth(sources["gpt_oss_gated"][3], Growth(layers=6)).mapping == \
         [0, 1, 0, 1, 0, 1]
+
+
+def test_layout_that_cannot_hold_the_grown_model_is_refused(sources):
+    config = sources["llama"][3]  # 6 heads, 3 KV groups
+    with pytest.raises(PlanError, match="TP4 does not divide the grown model's 6 heads"):
+        grow.plan_growth(config, Growth(layers=4), layout="TP4")
+    with pytest.raises(PlanError, match="PP4 does not divide the grown model's 6 layers"):
+        grow.plan_growth(config, Growth(layers=6), layout="TP3.PP4")
+    assert grow.plan_growth(config, Growth(layers=6), layout="TP3.PP3").config.num_layers == 6
 
 
 def test_tied_embeddings_refuse_hidden_growth(sources):
