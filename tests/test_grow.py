@@ -9,6 +9,7 @@ must hold in grown layer k the source layer it names.
 import dataclasses
 import json
 
+import fiddle as fdl
 import pytest
 import torch
 from grow_tools import head_logits, make_source
@@ -19,17 +20,21 @@ from coom_nemo.models.deepseek import deepseek_model
 from coom_nemo.models.gpt_oss import gpt_oss_model
 from coom_nemo.models.llama import llama31_model
 from coom_nemo.plan import PlanError
+from coom_nemo.recipes import FACTORIES
 
 # Shapes other than the debug defaults; GPT-OSS gated, DeepSeek with
 # MLA, a dense first layer, shared experts, group routing and MTP.
 FAMILIES = {
-    "llama": llama31_model("debug", num_layers=2, hidden_size=96, ffn_hidden_size=160,
+    "llama": llama31_model("debug", hidden_size=96, ffn_hidden_size=160,
                            num_attention_heads=6, num_query_groups=3),
     "gpt_oss_gated": gpt_oss_model("debug", attention_gate=True, num_layers=2,
                                    window_size=(5, 0)),
     "deepseek": deepseek_model("debug", num_layers=3, moe_layer_freq=[0, 1, 1],
                                mtp_num_layers=1),
 }
+
+FACTORY = {"llama": "coom_llama31_405b", "gpt_oss_gated": "coom_gpt_oss_20b_gated",
+           "deepseek": "coom_deepseek"}
 
 # Each function-preserving operator, alone and all together.
 GROWTHS = {
@@ -95,6 +100,16 @@ def test_function_preserving_growth(sources, tmp_path, family):
             assert grown_config.moe_router_topk == config.moe_router_topk * 2
         record = json.loads((tmp_path / name / "grow.json").read_text())
         assert record["mapping"] == plan.mapping
+    # the family's recipe builds the last one's grown shape; Llama's
+    # refuses it: 6 heads are not its debug size's 4 (test_grow_parallel
+    # restores a Llama of the debug size)
+    factory = FACTORIES[FACTORY[family]]
+    if family == "llama":
+        with pytest.raises(PlanError, match="holds num_attention_heads=6, the recipe builds 4"):
+            factory(size="debug", cpu=True, restore_path=str(tmp_path / name))
+        return
+    recipe = factory(size="debug", cpu=True, restore_path=str(tmp_path / name))
+    assert grow._shape(grown_config) == grow._shape(fdl.build(recipe.model.config))
 
 
 @pytest.mark.parametrize("depth, mapping", [("stack", [0, 1, 2, 0, 1, 2]),
