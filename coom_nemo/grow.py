@@ -283,7 +283,7 @@ _EXPERT = re.compile(r"^(.*\.experts\.)(?:local_experts\.(\d+)\.(.*)|(linear_fc[
 # vectors over it (norms; TE fuses the input norms into the first
 # projection). MLA's q/kv norms are over its latents, not hidden.
 _READS = re.compile(r"(linear_qkv|linear_q_proj|linear_q_down_proj|linear_kv_down_proj"
-                    r"|linear_gate|linear_fc1|router|output_layer)\.weight$")
+                    r"|linear_gate|linear_fc1|router|output_layer)\.weight\d*$")
 _NORMS = re.compile(r"(input_layernorm|pre_mlp_layernorm|final_layernorm|enorm|hnorm)"
                     r"\.(weight|bias)$|(linear_qkv|linear_fc1|linear_q_proj|linear_q_down_proj"
                     r"|linear_kv_down_proj)\.layer_norm_(weight|bias)$")
