@@ -94,7 +94,11 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--small-steps", type=int, default=100)
     parser.add_argument("--total-steps", type=int, default=300)
+    parser.add_argument("--report", action="store_true",
+                        help="only redo the table and plot from curves.json")
     args = parser.parse_args()
+    if args.report:
+        return report(json.loads((OUT / "curves.json").read_text()), args.seeds)
     prepare_data()
     OUT.mkdir(parents=True, exist_ok=True)
     small_steps, total = args.small_steps, args.total_steps
@@ -110,7 +114,7 @@ def main():
             # first again
             losses, f4, _ = run(f"s{seed}-{label}", 4, total - small_steps, seed, warmup,
                                 restore=grown_ckpt, data_seed=seed + 1000)
-            curves[f"{label}/{seed}"] = [(spent + (i + 1) * f4, loss)
+            curves[f"{label}/{seed}"] = [(spent + (i + 1 - small_steps) * f4, loss)
                                          for i, loss in enumerate(smooth(small + losses))
                                          if i >= small_steps]
         curves[f"small/{seed}"] = [((i + 1) * f2, loss) for i, loss in enumerate(smooth(small))]
