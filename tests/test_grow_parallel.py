@@ -41,7 +41,7 @@ def test_growth_command_on_a_tp2_checkpoint(saved, tmp_path, run_cmd):
     out = tmp_path / "grown"
     code, log = run_cmd([PYTHON, "-m", "coom_nemo.grow", str(saved["TP2"]), str(out),
                          "--layers", "4", "--preserve", "--hidden", "256", "--ffn", "768"],
-                        env={"PYTHONPATH": str(ROOT)}, timeout=60)
+                        env={"PYTHONPATH": str(ROOT)}, timeout=120)
     assert code == 0, log[-3000:]
     assert "grow: layers 2->4 ([0, 1, 0, 1], zeroed [2, 3]), hidden_size 128->256, " \
            "ffn_hidden_size 384->768" in log
@@ -53,7 +53,7 @@ def test_growth_command_on_a_tp2_checkpoint(saved, tmp_path, run_cmd):
     qkv = state["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert not qkv[:qkv.shape[0] // 2].equal(qkv[qkv.shape[0] // 2:])
     code, log = run_cmd([PYTHON, "-m", "coom_nemo.grow", str(saved["TP2"]), str(out),
-                         "--layers", "4"], env={"PYTHONPATH": str(ROOT)}, timeout=60)
+                         "--layers", "4"], env={"PYTHONPATH": str(ROOT)}, timeout=120)
     assert code == 2 and f"error: output: {out} already exists" in log
 
 
