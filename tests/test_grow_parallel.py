@@ -73,6 +73,11 @@ def test_pp2_checkpoint_grows_and_the_recipe_restores_it(saved, tmp_path):
     for name, path in (("source", saved["PP2"]), ("grown", out)):
         recipe = FACTORIES["coom_llama31_405b"](size="debug", cpu=True, max_steps=1,
                                                 dir=str(tmp_path / name), restore_path=str(path))
+        # the recipe's own tokenizer: NeMo 2.7.3 cannot load a training
+        # run's context after another load in the same process
+        # (nemo/lightning/io/mixin.py:674-681 reads a one-argument
+        # callback such as StepMetrics(1) as a pickle path)
+        recipe.resume.restore_config.load_artifacts = False
         recipe.log.ckpt = None
         recipe.trainer.enable_checkpointing = False
         losses[name] = train(recipe)[0].losses
