@@ -447,6 +447,9 @@ def from_preset(presets: dict[str, Preset], size: str, *, family: str,
         else preset.cluster.gpu_memory_gb,
     )
     model = copy.deepcopy(preset.model)
+    optim = preset.optim
+    if extras and extras.restore_path:
+        optim = _adopt_growth(extras.restore_path, model, optim)
     if seq_length:
         model.config.seq_length = seq_length
     seq = model.config.seq_length
@@ -468,5 +471,20 @@ def from_preset(presets: dict[str, Preset], size: str, *, family: str,
     if max_steps:
         schedule = Schedule(**{**schedule.__dict__, "max_steps": max_steps})
     return pretrain_recipe(name=name or f"{family}_{size}", model=model, data=data,
-                           layout=layout, cluster=cluster, schedule=schedule, optim=preset.optim,
+                           layout=layout, cluster=cluster, schedule=schedule, optim=optim,
                            precision=precision, dir=dir, cpu=cpu, extras=extras)
+
+
+def _adopt_growth(restore_path: str, model: run.Config, optim: Optim) -> Optim:
+    """A checkpoint written by ``python -m coom_nemo.grow`` sets the
+    model's shape (and, if it says so, the LR warmup) of the run that
+    starts from it."""
+    import dataclasses
+
+    from coom_nemo import api, grow
+
+    summary = grow.adopt_grown_shape(restore_path, model)
+    if summary and api.is_rank_zero():
+        print(f"{summary} (from {restore_path}; fresh optimizer)", flush=True)
+    warmup = grow.grown_warmup(restore_path)
+    return optim if warmup is None else dataclasses.replace(optim, warmup_steps=warmup)

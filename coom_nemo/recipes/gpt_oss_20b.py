@@ -20,6 +20,7 @@ from coom_nemo.finetune import Tuning, finetune
 from coom_nemo.models.gpt_oss import gpt_oss_model
 from coom_nemo.recipe import (
     Cluster,
+    Extras,
     Layout,
     Optim,
     Preset,
@@ -72,16 +73,20 @@ FINETUNE = {
 
 @run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b")
 @launch_arguments(size="20b")
-def pretrain_recipe(**launch) -> run.Partial:
-    """GPT-OSS 20B; ``size="debug"`` is the same recipe, tiny."""
-    return from_preset(PRESETS, family="gpt_oss", **launch)
+def pretrain_recipe(restore_path: Optional[str] = None, **launch) -> run.Partial:
+    """GPT-OSS 20B; ``size="debug"`` is the same recipe, tiny.
+    ``restore_path``: start from these weights (e.g. a grown
+    checkpoint, :mod:`coom_nemo.grow`)."""
+    return from_preset(PRESETS, family="gpt_oss", extras=Extras(restore_path=restore_path),
+                       **launch)
 
 
 @run.cli.factory(target=llm.pretrain, name="coom_gpt_oss_20b_gated")
 @launch_arguments(size="20b")
-def pretrain_recipe_gated(**launch) -> run.Partial:
+def pretrain_recipe_gated(restore_path: Optional[str] = None, **launch) -> run.Partial:
     """``coom_gpt_oss_20b`` with gated attention (Qiu et al., 2025)."""
-    return from_preset(GATED_PRESETS, family="gpt_oss_gated", **launch)
+    return from_preset(GATED_PRESETS, family="gpt_oss_gated",
+                       extras=Extras(restore_path=restore_path), **launch)
 
 
 def _finetune(method, restore_path, data_dir, **launch):
