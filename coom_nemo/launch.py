@@ -105,6 +105,7 @@ def build(factory, args: argparse.Namespace):
     checked."""
     from nemo_run.cli.cli_parser import parse_cli_args
 
+    from coom_nemo import console
     from coom_nemo.api import is_rank_zero
     from coom_nemo.recipe import check_recipe, plan_check_deferred
 
@@ -128,7 +129,7 @@ def build(factory, args: argparse.Namespace):
         parse_cli_args(recipe, args.overrides, recipe)
     plan = check_recipe(recipe)
     if is_rank_zero():
-        print(plan.summary_line(), flush=True)
+        console.plan_line(plan.summary_line())
     return recipe
 
 

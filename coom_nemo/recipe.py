@@ -369,9 +369,10 @@ def finetune_recipe(*, restore_path: str, peft: run.Config | None = None,
     fdl.update_callable(recipe, api.finetune)
     recipe.peft = peft
     recipe.plan.frozen_weights = peft is not None
-    plan = check_recipe(recipe)
-    if api.is_rank_zero():
-        print(plan.summary_line(), flush=True)
+    if not _DEFER_CHECK.get():
+        plan = check_recipe(recipe)
+        if api.is_rank_zero():
+            console.plan_line(plan.summary_line())
     return recipe
 
 

@@ -32,7 +32,7 @@ def _demo(folder, *extra):
     prefix, spm_model = make_indexed_tinystories(folder)
     code, out = run_process(
         [PYTHON, str(ROOT / "recipes" / "llama31_405b.py"), "--cpu", "--size", "debug",
-         "--max-steps", str(STEPS), "--dir", str(folder / "run"), "--data", prefix,
+         "--no-mlperf", "--max-steps", str(STEPS), "--dir", str(folder / "run"), "--data", prefix,
          "--tokenizer", f"sentencepiece:{spm_model}", *extra,
          "trainer.val_check_interval=3", "log.ckpt.every_n_train_steps=3"],
         cwd=folder, merge=True)
