@@ -50,8 +50,9 @@ class Inject(pl.Callback):
 def recipe(directory: str, max_steps: int, fault: str = "none", step: int = 0, **kwargs):
     from coom_nemo.recipes import llama31_405b
 
+    # outside MLPerf mode: checkpoints and a fixed seed
     built = llama31_405b.pretrain_recipe(size="debug", cpu=True, dir=directory,
-                                         max_steps=max_steps, **kwargs)
+                                         max_steps=max_steps, mlperf=False, **kwargs)
     built.trainer.callbacks.append(run.Config(Inject, fault=fault, step=step))
     return built
 
