@@ -36,7 +36,8 @@ def main(out):
 
     for layout in one_process_group_each(["TP2", "PP2"]):
         recipe = FACTORIES["coom_llama31_405b"](size="debug", cpu=True, dir=f"{out}/{layout}",
-                                                gpus_per_node=2, layout=layout, max_steps=1)
+                                                gpus_per_node=2, layout=layout, max_steps=1,
+                                                mlperf=False)
         recipe.optim.config.lr = 0.0
         recipe.optim.lr_scheduler.min_lr = 0.0
         recipe.trainer.callbacks.append(run.Config(Randomize))

@@ -72,7 +72,8 @@ def test_pp2_checkpoint_grows_and_the_recipe_restores_it(saved, tmp_path):
     losses = {}
     for name, path in (("source", saved["PP2"]), ("grown", out)):
         recipe = FACTORIES["coom_llama31_405b"](size="debug", cpu=True, max_steps=1,
-                                                dir=str(tmp_path / name), restore_path=str(path))
+                                                dir=str(tmp_path / name), restore_path=str(path),
+                                                mlperf=False)
         # the recipe's own tokenizer: NeMo 2.7.3 cannot load a training
         # run's context after another load in the same process
         # (nemo/lightning/io/mixin.py:674-681 reads a one-argument

@@ -100,11 +100,11 @@ def test_trains_on_c4_and_validates_on_schedule(c4_dir, tmp_path, capsys):
     assert recorder.val_losses[-1] < recorder.val_losses[0] < math.log(512)
     assert "hyperparameters: seed=7 global_batch_size=8 " in out
     assert "quality target reached" not in out
-    # MLPerf mode: an MLLOG file in the run folder (and its lines on the
-    # console), no checkpoint
+    # MLPerf mode: an MLLOG file in the run folder (the console names
+    # it; its lines go to the run's log), no checkpoint
     mllog = tmp_path / "llama31_debug" / "mlperf_llama31_405b.log"
     events = mllog_events(mllog)
-    assert ":::MLLOG" in out and f"MLLOG: {mllog}" in out
+    assert f"MLLOG: {mllog}" in out
     accuracy = [e for e in events if e["key"] == "eval_accuracy"]
     assert [e["metadata"]["samples_count"] for e in accuracy] == [64, 128]
     assert [e["value"] for e in accuracy] == pytest.approx(recorder.val_losses)

@@ -160,7 +160,7 @@ def test_8b_recipe_carries_the_reference_settings(capsys):
     assert (strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size,
             strategy.context_parallel_size) == (1, 1, 1)
     assert (recipe.trainer.num_nodes, recipe.trainer.devices) == (1, 8)
-    assert (recipe.data.global_batch_size, recipe.data.micro_batch_size) == (32, 2)
+    assert (recipe.data.global_batch_size, recipe.data.micro_batch_size) == (32, 1)
     config = recipe.model.config
     assert (config.num_layers, config.hidden_size, config.ffn_hidden_size,
             config.num_attention_heads, config.num_query_groups, config.seq_length,
@@ -193,9 +193,14 @@ def test_8b_c4_dir_needs_the_reference_layout(tmp_path):
 
 
 def test_mlperf_mode_settings(tmp_path):
-    for name in ("train", "validation"):
-        for suffix in (".bin", ".idx"):
-            (tmp_path / f"{name}{suffix}").touch()
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    for name in ("train", "validation"):  # one tiny document each (checked before launch)
+        builder = IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=np.int32)
+        builder.add_document(torch.tensor([1, 2, 3]), [3])
+        builder.finalize(str(tmp_path / f"{name}.idx"))
     data = {"train": [str(tmp_path / "train")], "validation": [str(tmp_path / "validation")]}
     recipe = llama31_405b.pretrain_recipe(global_batch_size=2304, max_steps=10, data_paths=data)
     # the index is the reference's whatever max_steps says
