@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from nemo.lightning import io
 
-from coom_nemo.models.conversion import on_this_host
+from coom_nemo.models.conversion import nemo_checkpoint, new_output, on_this_host
 from coom_nemo.models.hf_mapping import (
     QKV,
     GatedMLP,
@@ -125,14 +125,8 @@ def export_lora(checkpoint, output_path, base_model: str | None = None) -> Path:
     """Write the LoRA adapters of a NeMo checkpoint (a LoRA run's
     ``*-last``) as a PEFT adapter directory; ``base_model`` (e.g. the
     HF directory imported) goes into its config."""
-    source = Path(checkpoint)
-    if not (source / "context").is_dir():
-        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
-                                "checkpoint directory (with context/ and weights/)")
-    output = Path(output_path)
-    if output.exists():
-        raise FileExistsError(f"output_path: {output} already exists; give a new directory "
-                              "(nothing is overwritten)")
+    source = nemo_checkpoint(checkpoint)
+    output = new_output(output_path)
     config = io.load_context(str(source), subpath="model.config")
     family = FAMILIES.get(type(config).__name__)
     if family is None:

@@ -13,6 +13,7 @@ in one line, a source tensor nothing read or a target tensor left
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -108,3 +109,25 @@ def new_output(output_path, field: str = "output_path") -> Path:
         raise FileExistsError(f"{field}: {output} already exists; give a new directory "
                               "(nothing is overwritten)")
     return output
+
+
+def nemo_checkpoint(checkpoint) -> Path:
+    """``checkpoint`` as a Path, refused unless it is a NeMo checkpoint
+    directory."""
+    source = Path(checkpoint)
+    if not (source / "context").is_dir():
+        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
+                                "checkpoint directory (with context/ and weights/)")
+    return source
+
+
+def save_hf_tokenizer(tokenizer, output_path) -> None:
+    """Write a NeMo tokenizer's HF form beside exported weights, or warn
+    that it has none."""
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hasattr(hf, "save_pretrained"):
+        hf.save_pretrained(output_path)
+    else:
+        logging.getLogger(__name__).warning(
+            "the checkpoint's tokenizer (%s) has no HF form: add one to %s",
+            type(tokenizer).__name__, output_path)

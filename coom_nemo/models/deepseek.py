@@ -30,8 +30,10 @@ from coom_nemo.models.conversion import (
     CheckpointMismatchError,
     convert_checked,
     first_of,
+    nemo_checkpoint,
     new_output,
     on_this_host,
+    save_hf_tokenizer,
 )
 from coom_nemo.models.specs import layer_spec
 
@@ -270,12 +272,7 @@ class HFCoomDeepSeekExporter(HFDeepSeekExporter):
         convert_checked(self._convert, state, target, source_name="NeMo checkpoint",
                         target_name="HF model")
         target.cpu().save_pretrained(output_path)
-        tokenizer = getattr(self.tokenizer, "tokenizer", None)
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(output_path)
-        else:
-            log.warning("the checkpoint's tokenizer (%s) has no HF form: add one to %s",
-                        type(self.tokenizer).__name__, output_path)
+        save_hf_tokenizer(self.tokenizer, output_path)
         return output_path
 
     def _convert(self, source, target):
@@ -439,10 +436,7 @@ def export_to_hf(checkpoint, output_path) -> Path:
     (``DeepseekV3ForCausalLM``; MTP layers are left out)."""
     from nemo.collections import llm
 
-    source = Path(checkpoint)
-    if not (source / "context").is_dir():
-        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
-                                "checkpoint directory (with context/ and weights/)")
+    source = nemo_checkpoint(checkpoint)
     hf_config_from(io.load_context(str(source / "context"), subpath="model.config"))
     output = new_output(output_path)
     with on_this_host():

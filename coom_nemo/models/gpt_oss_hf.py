@@ -46,8 +46,10 @@ from nemo.lightning.io.state import TransformFns, _ModelState
 from coom_nemo.models.conversion import (
     CheckpointMismatchError,
     convert_checked,
+    nemo_checkpoint,
     new_output,
     on_this_host,
+    save_hf_tokenizer,
 )
 from coom_nemo.models.gpt_oss import CoomGptOssConfig, CoomGptOssModel
 
@@ -315,12 +317,7 @@ class HFGptOssExporter(HFGPTOSSExporter):
         target = self.init(torch_dtype_from_mcore_config(source.config))
         target = self.convert_state(source, target)
         target.cpu().save_pretrained(output_path)
-        tokenizer = getattr(self.tokenizer, "tokenizer", None)
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(output_path)
-        else:
-            log.warning("the checkpoint's tokenizer (%s) has no HF form: add one to %s",
-                        type(self.tokenizer).__name__, output_path)
+        save_hf_tokenizer(self.tokenizer, output_path)
         return output_path
 
     def init(self, dtype=torch.bfloat16):
@@ -401,10 +398,7 @@ def export_to_hf(checkpoint, output_path) -> Path:
     """Write a (non-gated) NeMo GPT-OSS checkpoint as a HF directory."""
     from nemo.collections import llm
 
-    source = Path(checkpoint)
-    if not (source / "context").is_dir():
-        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
-                                "checkpoint directory (with context/ and weights/)")
+    source = nemo_checkpoint(checkpoint)
     output = new_output(output_path)
     with on_this_host():
         return llm.export_ckpt(source, "hf", output_path=output)

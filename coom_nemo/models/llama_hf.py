@@ -25,7 +25,12 @@ import torch
 from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, HFLlamaImporter
 from nemo.lightning import io, teardown
 
-from coom_nemo.models.conversion import new_output, on_this_host
+from coom_nemo.models.conversion import (
+    nemo_checkpoint,
+    new_output,
+    on_this_host,
+    save_hf_tokenizer,
+)
 from coom_nemo.models.hf_mapping import (
     QKV,
     GatedMLP,
@@ -197,12 +202,7 @@ class HFLlama31Exporter(HFLlamaExporter):
         if self.config.tie_word_embeddings:
             model.tie_weights()
         model.save_pretrained(output_path)
-        tokenizer = getattr(self.tokenizer, "tokenizer", None)
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(output_path)
-        else:
-            log.warning("the checkpoint's tokenizer (%s) has no HF form: add one to %s",
-                        type(self.tokenizer).__name__, output_path)
+        save_hf_tokenizer(self.tokenizer, output_path)
         return output_path
 
     @cached_property
@@ -235,10 +235,7 @@ def import_from_hf(hf_dir, output_path) -> Path:
 
 def export_to_hf(checkpoint, output_path) -> Path:
     """Write a NeMo Llama 3.1 checkpoint as a HF directory."""
-    source = Path(checkpoint)
-    if not (source / "context").is_dir():
-        raise FileNotFoundError(f"checkpoint: {source}/context does not exist; give a NeMo "
-                                "checkpoint directory (with context/ and weights/)")
+    source = nemo_checkpoint(checkpoint)
     output = new_output(output_path)
     with on_this_host():
         return HFLlama31Exporter(str(source.resolve()))(output_path=output)
