@@ -57,42 +57,62 @@ VARIANTS = {
     # TE-free node: megatron-core local attention vs coom's SDPA path
     "llama-stock-local-bf16": Variant("llama", "stock", te=False, mask=True),
     "llama-coom-sdpa-bf16": Variant("llama", "coom", te=False),
+    "llama-coom-sdpa-bf16-mbs4": Variant("llama", "coom", te=False, mbs=4),
+    "llama-coom-sdpa-bf16-mbs8": Variant("llama", "coom", te=False, mbs=8),
     "llama-coom-local-bf16": Variant("llama", "coom", te=False,
                                      config={"attention_backend": "local"}),
-    # TE node, BF16 (stock hit NaN here)
+    # TE node, BF16 (stock hit NaN here on an H100)
     "llama-stock-te-bf16": Variant("llama", "stock"),
     "llama-stock-te-bf16-mask": Variant("llama", "stock", mask=True),
     # as above, but TE loads the CUDA toolkit's cuDNN (its default)
     "llama-stock-te-bf16-toolkit-cudnn": Variant("llama", "stock", env={"CUDNN_PATH": None}),
     "llama-coom-te-bf16": Variant("llama", "coom"),
     "llama-coom-te-bf16-mbs2": Variant("llama", "coom", mbs=2),
+    "llama-coom-te-bf16-mbs4": Variant("llama", "coom", mbs=4),
+    "llama-coom-te-bf16-mbs8": Variant("llama", "coom", mbs=8),
     "llama-coom-te-bf16-unfused": Variant("llama", "coom",
                                           config={"attention_backend": "unfused"}),
     "llama-coom-te-bf16-norope": Variant("llama", "coom", config={"apply_rope_fusion": False}),
     # TE node, FP8
     "llama-stock-te-fp8": Variant("llama", "stock", "fp8-delayed"),
+    "llama-stock-te-fp8-mbs4": Variant("llama", "stock", "fp8-delayed", mbs=4),
     "llama-coom-te-fp8": Variant("llama", "coom", "fp8-delayed"),
     "llama-coom-te-fp8-mbs2": Variant("llama", "coom", "fp8-delayed", mbs=2),
     "llama-coom-te-fp8-mbs4": Variant("llama", "coom", "fp8-delayed", mbs=4),
+    "llama-coom-te-fp8-mbs8": Variant("llama", "coom", "fp8-delayed", mbs=8),
+    # each default of the TE node turned back, one at a time
+    "llama-coom-te-fp8-mbs4-native-ce": Variant("llama", "coom", "fp8-delayed", mbs=4, config={
+        "cross_entropy_fusion_impl": "native"}),
+    "llama-coom-te-fp8-mbs4-te-swiglu": Variant("llama", "coom", "fp8-delayed", mbs=4, config={
+        "use_te_activation_func": True, "bias_activation_fusion": False}),
     "llama-coom-te-fp8-current": Variant("llama", "coom", "fp8-current"),
+    "llama-coom-te-fp8-current-mbs4": Variant("llama", "coom", "fp8-current", mbs=4),
     "llama-coom-te-fp8-blockwise": Variant("llama", "coom", "fp8-blockwise"),
     "llama-coom-te-fp8-repeat": Variant("llama", "coom", "fp8-delayed"),
     "llama-coom-te-fp8-mbs2-repeat": Variant("llama", "coom", "fp8-delayed", mbs=2),
     # MoE
     "moe-stock-te-bf16": Variant("moe", "stock"),
+    "moe-stock-te-bf16-mbs4": Variant("moe", "stock", mbs=4),
     "moe-coom-te-bf16": Variant("moe", "coom"),
+    "moe-coom-te-bf16-mbs4": Variant("moe", "coom", mbs=4),
+    "moe-coom-te-bf16-mbs8": Variant("moe", "coom", mbs=8),
     "moe-coom-te-fp8": Variant("moe", "coom", "fp8-delayed"),
 }
 
-# (pair name, coom variant, stock variant)
-PAIRS = [
-    ("llama-fp8-te", "llama-coom-te-fp8", "llama-stock-te-fp8"),
-    ("llama-fp8-te-mbs2", "llama-coom-te-fp8-mbs2", "llama-stock-te-fp8"),
-    ("llama-fp8-te-mbs4", "llama-coom-te-fp8-mbs4", "llama-stock-te-fp8"),
-    ("llama-bf16-te", "llama-coom-te-bf16", "llama-stock-te-bf16"),
-    ("llama-bf16-sdpa-vs-local", "llama-coom-sdpa-bf16", "llama-stock-local-bf16"),
-    ("moe-bf16-te", "moe-coom-te-bf16", "moe-stock-te-bf16"),
-]
+# pair name -> (stock variant, coom variants that stand for it): one
+# line per coom variant that ran, so a choice by measurement shows
+# every candidate it was chosen from
+PAIRS = {
+    "llama-fp8-te": ("llama-stock-te-fp8", ["llama-coom-te-fp8", "llama-coom-te-fp8-mbs2",
+                                            "llama-coom-te-fp8-mbs4", "llama-coom-te-fp8-mbs8",
+                                            "llama-coom-te-fp8-current-mbs4"]),
+    "llama-bf16-te": ("llama-stock-te-bf16", ["llama-coom-te-bf16", "llama-coom-te-bf16-mbs4",
+                                              "llama-coom-te-bf16-mbs8"]),
+    "llama-bf16-sdpa-vs-local": ("llama-stock-local-bf16", [
+        "llama-coom-sdpa-bf16", "llama-coom-sdpa-bf16-mbs4", "llama-coom-sdpa-bf16-mbs8"]),
+    "moe-bf16-te": ("moe-stock-te-bf16", ["moe-coom-te-bf16", "moe-coom-te-bf16-mbs4",
+                                          "moe-coom-te-bf16-mbs8"]),
+}
 
 
 # ---------------------------------------------------------------- child
@@ -199,9 +219,13 @@ def stock_parts(v: Variant, steps: int):
 
 class _Recorder:
     """Lightning callback (made in the child): step times, losses,
-    energy over the timed steps."""
+    energy over the timed steps. After the last step it hands the
+    result to ``finish``, which ends the process: the teardown that
+    would follow (weights and optimizer state copied to the host) is
+    not part of any measurement and costs a lent node tens of seconds
+    per variant."""
 
-    def __new__(cls, warmup: int):
+    def __new__(cls, warmup: int, steps: int, finish):
         import lightning.pytorch as pl
         import torch
 
@@ -233,6 +257,8 @@ class _Recorder:
                     self.energy = [self.meter.joules(), None]
                 if self.meter and self.energy:
                     self.energy[1] = self.meter.joules()
+                if len(self.times) == steps:
+                    finish(self)
 
         return Recorder()
 
@@ -261,33 +287,59 @@ def add_nan_hooks(module, limit: int = 8) -> None:
         mod.register_forward_hook(lambda m, i, o, name=name: forward_hook(m, i, o, name))
 
 
-def child(name: str, steps: int, warmup: int, workdir: str) -> dict:
+def child(name: str, steps: int, warmup: int, workdir: str) -> None:
+    """Train variant ``name``; print its BENCH_RESULT line and end the
+    process after the last step."""
     v = VARIANTS[name]
     import fiddle as fdl
-    import torch
     from nemo import lightning as nl
     from nemo.collections import llm
 
-    from coom_nemo.model_math import model_flops_per_token
+    from coom_nemo.plan import Plan, PlanOptions
 
-    recorder = _Recorder(warmup)
     if v.impl == "coom":
         recipe = coom_recipe(name, v, steps, workdir)
         fn = fdl.build(recipe)
-        fn.keywords["trainer"].callbacks.append(recorder)
-        fn()
+        trainer = fn.keywords["trainer"]
+        plan = Plan.from_parts(fn.keywords["model"], fn.keywords["data"], trainer,
+                               fn.keywords["optim"], PlanOptions(check_memory=False))
+        launch = fn
     else:
         model, data, trainer, optim = stock_parts(v, steps)
-        trainer.callbacks.append(recorder)
-        llm.pretrain(model=model, data=data, trainer=trainer, optim=optim,
-                     log=nl.NeMoLogger(log_dir=workdir, ckpt=None))
+        plan = Plan.from_parts(model, data, trainer, optim, PlanOptions(check_memory=False))
+
+        def launch():
+            llm.pretrain(model=model, data=data, trainer=trainer, optim=optim,
+                         log=nl.NeMoLogger(log_dir=workdir, ckpt=None))
+    estimate_gb = plan.memory_estimate_gb()["total"] * 1024**3 / 1e9
+
+    def finish(recorder):
+        print("BENCH_RESULT " + json.dumps(measured(name, recorder, warmup, estimate_gb)),
+              flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    trainer.callbacks.append(_Recorder(warmup, steps, finish))
+    launch()
+    raise RuntimeError(f"{name}: training ended before step {steps}")
+
+
+def measured(name: str, recorder, warmup: int, estimate_gb: float) -> dict:
+    """The BENCH_RESULT of a finished run (GB = 1e9 bytes)."""
+    import torch
+
+    from coom_nemo.model_math import model_flops_per_token
+
     timed = sorted(recorder.times[warmup:])
     step = timed[len(timed) // 2]
     tokens = GBS * SEQ
     flops = model_flops_per_token(recorder.config, SEQ)
     result = dict(name=name, step_ms=step * 1e3, tok_s=tokens / step,
                   tflops=flops * tokens / step / 1e12, steps=len(recorder.times),
-                  peak_gb=torch.cuda.max_memory_allocated() / 1e9, losses=recorder.losses,
+                  peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+                  reserved_gb=torch.cuda.max_memory_reserved() / 1e9,
+                  estimate_gb=estimate_gb, losses=recorder.losses,
                   spec=_spec_of(recorder.config))
     if recorder.energy:
         joules = recorder.energy[1] - recorder.energy[0]
@@ -373,31 +425,65 @@ def _text(output) -> str:
 
 def row(r: dict, ceiling: float) -> str:
     if "error" in r:
-        return f"| {r['name']} | failed: {r['error']} |||||||"
+        return f"| {r['name']} | failed: {r['error']} |||||||||"
     mfu = r["tflops"] / ceiling if ceiling else float("nan")
     energy = f"{r['j_tok']:.4f} | {r['watts']:.0f}" if "j_tok" in r else "- | -"
+    memory = f"{r['peak_gb']:.1f} | {r.get('reserved_gb', float('nan')):.1f} | " \
+             f"{r.get('estimate_gb', float('nan')):.1f}"
     return (f"| {r['name']} | {r['step_ms']:.0f} | {r['tok_s'] / 1e3:.1f}K | {r['tflops']:.0f} "
-            f"| {mfu:.1%} | {r['peak_gb']:.1f} | {energy} | {r['spec']} |")
+            f"| {mfu:.1%} | {memory} | {energy} | {r['spec']} |")
 
 
-HEADER = ("| variant | step ms | tokens/s | model TFLOP/s | MFU | peak GB | J/token | W | "
-          "layer spec |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| variant | step ms | tokens/s | model TFLOP/s | MFU | peak GB | reserved GB "
+          "| plan GB | J/token | W | layer spec |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def summary(results: dict) -> list[str]:
-    """pair lines, FP8/BF16 ratio, energy repeatability, loss match."""
+def variant_of(key: str) -> str:
+    """A results key's variant: ``name`` or ``name#k``, the k-th run."""
+    return key.split("#")[0]
+
+
+def gpu_tag(ceiling: dict) -> str:
+    """``H200`` for an NVIDIA H200: what pair lines end with."""
+    name = ceiling.get("gpu") or "unknown"
+    return re.sub(r"^NVIDIA\s+", "", name).split()[0]
+
+
+def summary(results: dict, ceiling: dict | None = None) -> list[str]:
+    """Pair lines, FP8/BF16 ratio, NaN-free runs, the lowest-energy
+    configuration near the best speed, memory estimate vs peak, energy
+    repeatability, loss match."""
+    ceiling = ceiling or {}
     lines = []
-    tok = {n: r.get("tok_s") for n, r in results.items()}
-    for pair, coom, stock in PAIRS:
-        if coom in results and stock in results:
-            x, y = tok.get(coom), tok.get(stock)
-            ratio = f"{x / y:.3f}" if x and y else "nan"
-            lines.append(f"pair={pair} coom_tok_s={x or float('nan'):.0f} "
-                         f"stock_tok_s={y or float('nan'):.0f} ratio_vs_stock={ratio}")
-    for suffix in ("", "-mbs2"):
-        fp8, bf16 = tok.get("llama-coom-te-fp8" + suffix), tok.get("llama-coom-te-bf16" + suffix)
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    tok = {k: r["tok_s"] for k, r in ok.items()}
+    gpu = gpu_tag(ceiling)
+    for pair, (stock, candidates) in PAIRS.items():
+        for coom in candidates:
+            if coom in results and stock in results:
+                x, y = tok.get(coom), tok.get(stock)
+                ratio = f"{x / y:.3f}" if x and y else "nan"
+                lines.append(f"pair={pair} coom={coom} stock={stock} "
+                             f"coom_tok_s={x or float('nan'):.0f} "
+                             f"stock_tok_s={y or float('nan'):.0f} ratio_vs_stock={ratio} "
+                             f"gpu={gpu}")
+    for mbs in ("", "-mbs2", "-mbs4", "-mbs8"):
+        fp8, bf16 = tok.get("llama-coom-te-fp8" + mbs), tok.get("llama-coom-te-bf16" + mbs)
         if fp8 and bf16:
-            lines.append(f"llama coom{suffix} fp8/bf16 tokens/s = {fp8 / bf16:.3f}")
+            lines.append(f"llama coom{mbs} fp8/bf16 tokens/s = {fp8 / bf16:.3f}")
+    bf16_te = [k for k in results if variant_of(k).startswith(("llama-coom-te-bf16",
+                                                                "llama-stock-te-bf16"))]
+    if bf16_te:
+        clean = [k for k in bf16_te if k in ok]
+        lines.append(f"bf16 on the TE spec: {len(clean)} of {len(bf16_te)} Llama proxy runs "
+                     f"without NaN or error ({', '.join(sorted(bf16_te))})")
+    lines += energy_choice(ok)
+    for key, r in ok.items():
+        if r.get("estimate_gb"):
+            ratio = r["estimate_gb"] / r["peak_gb"]
+            lines.append(f"memory {key}: plan {r['estimate_gb']:.1f} GB, peak allocated "
+                         f"{r['peak_gb']:.1f} GB (plan/peak {ratio:.3f}), "
+                         f"reserved {r.get('reserved_gb', float('nan')):.1f} GB")
     for first in ("llama-coom-te-fp8", "llama-coom-te-fp8-mbs2"):
         a, b = (results.get(n, {}).get("j_tok") for n in (first, first + "-repeat"))
         if a and b:
@@ -414,6 +500,26 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def energy_choice(ok: dict, within: float = 0.05) -> list[str]:
+    """Per model and node kind (TE or not): the configuration with the
+    lowest J/token among those at most ``within`` below the fastest."""
+    groups = {}
+    for key, r in ok.items():
+        v = VARIANTS[variant_of(key)]
+        if "j_tok" in r:
+            groups.setdefault((v.family, v.te), []).append((key, r))
+    lines = []
+    for (family, te), runs in sorted(groups.items()):
+        best = max(r["tok_s"] for _, r in runs)
+        near = [(k, r) for k, r in runs if r["tok_s"] >= (1 - within) * best]
+        key, r = min(near, key=lambda kr: kr[1]["j_tok"])
+        node = "TE node" if te else "TE-free node"
+        lines.append(f"energy choice {family} on a {node}: {key} {r['j_tok']:.4f} J/token at "
+                     f"{r['tok_s'] / 1e3:.1f}K tokens/s ({1 - r['tok_s'] / best:.1%} below the "
+                     f"fastest, {len(near)} of {len(runs)} configurations within {within:.0%})")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", help="regexes of variant names, run in this order "
@@ -425,18 +531,23 @@ def main(argv=None) -> int:
     p.add_argument("--trace-nan", action="store_true",
                    help="rerun a variant that hit NaN with hooks naming the first module")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="results.json, bench.log")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each variant (the k-th "
+                   "is reported as name#k)")
+    p.add_argument("--budget", type=float, default=0, help="seconds: start no variant that "
+                   "would end past this, judged by the longest one so far (0: no limit)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "matmul":
         print("BENCH_RESULT " + json.dumps(matmul_ceiling()), flush=True)
         return 0
     if args.child:
-        print("BENCH_RESULT " + json.dumps(child(args.child, args.steps, args.warmup,
-                                                 args.workdir)), flush=True)
+        child(args.child, args.steps, args.warmup, args.workdir)
         return 0
     names = list(VARIANTS) if not args.only else []
     for pattern in args.only or []:  # in the order asked for
         names += [n for n in VARIANTS if re.search(pattern, n) and n not in names]
+    keys = [n if k == 1 else f"{n}#{k}" for n in names for k in range(1, args.repeat + 1)]
+    started, longest = time.time(), 0.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -446,13 +557,18 @@ def main(argv=None) -> int:
               f"{ceiling.get('tflops', 0):.0f} TFLOP/s; {time.strftime('%Y-%m-%d %H:%M')}",
               flush=True)
         print(HEADER, flush=True)
-        for name in names:
-            results[name] = run_child(name, args, log)
-            print(row(results[name], ceiling.get("tflops")), flush=True)
+        for key in keys:
+            if args.budget and time.time() - started + longest > args.budget:
+                print(f"# budget: {key} and later not run", flush=True)
+                break
+            began = time.time()
+            results[key] = {**run_child(variant_of(key), args, log), "name": key}
+            longest = max(longest, time.time() - began)
+            print(row(results[key], ceiling.get("tflops")), flush=True)
             (out / "results.json").write_text(json.dumps(
                 dict(ceiling=ceiling, results=results), indent=1))
-    for line in summary(results):
-        print(line)
+    for line in summary(results, ceiling):
+        print(line, flush=True)
     return 0
 
 

@@ -325,8 +325,13 @@ class Plan:
             in_flight *= 1 + (self.pp - 1) / (self.pp * self.vp)
         activations = per_layer * in_flight
         # the output layer's 16-bit logits, kept for its backward, and
-        # the loss's fp32 copy of them (6 bytes a logit; 4 in fp32)
+        # the loss's fp32 copy of them (6 bytes a logit; 4 in fp32).
+        # TE's fused cross entropy writes its gradient into the logits
+        # in place (transformer_engine/pytorch/cross_entropy.py): 2.
         logit_bytes = 4 if self.precision == "fp32" else 6
+        if (logit_bytes == 6 and _field(c, "cross_entropy_loss_fusion", False)
+                and _field(c, "cross_entropy_fusion_impl", "native") == "te"):
+            logit_bytes = 2
         logits = tokens * int(p.embedding / h / (1 if _field(
             c, "share_embeddings_and_output_weights", False) else 2)) * logit_bytes / self.tp
         overhead = 3e9  # CUDA context, NCCL buffers, allocator slack

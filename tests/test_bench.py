@@ -24,16 +24,57 @@ def test_proxies_are_the_family_recipes_at_one_gpu(family, total, tmp_path, caps
     assert recipe.log.ckpt is None and recipe.trainer.enable_checkpointing is False
 
 
-def test_summary_prints_one_pair_line_per_compared_pair():
+def test_summary_prints_one_pair_line_per_candidate_that_ran():
     results = {"llama-coom-te-fp8": dict(tok_s=44000.0, j_tok=0.018),
                "llama-coom-te-fp8-repeat": dict(tok_s=43900.0, j_tok=0.0183),
+               "llama-coom-te-fp8-mbs4": dict(error="out of memory"),
                "llama-stock-te-fp8": dict(tok_s=40000.0),
                "llama-coom-te-bf16": dict(error="NaN")}
-    lines = bench.summary(results)
-    pair = re.compile(r"pair=(\S+) coom_tok_s=(\S+) stock_tok_s=(\S+) ratio_vs_stock=(\S+)")
+    lines = bench.summary(results, {"gpu": "NVIDIA H200"})
+    pair = re.compile(r"pair=(\S+) coom=(\S+) stock=(\S+) coom_tok_s=(\S+) stock_tok_s=(\S+) "
+                      r"ratio_vs_stock=(\S+) gpu=(\S+)")
     pairs = [pair.fullmatch(line).groups() for line in lines if line.startswith("pair=")]
-    assert pairs == [("llama-fp8-te", "44000", "40000", "1.100")]
-    assert "difference 1.7%" in next(line for line in lines if line.startswith("energy"))
+    assert pairs == [("llama-fp8-te", "llama-coom-te-fp8", "llama-stock-te-fp8", "44000",
+                      "40000", "1.100", "H200"),
+                     ("llama-fp8-te", "llama-coom-te-fp8-mbs4", "llama-stock-te-fp8", "nan",
+                      "40000", "nan", "H200")]
+    assert "difference 1.7%" in next(line for line in lines if line.startswith("energy repeat"))
+    assert "bf16 on the TE spec: 0 of 1 Llama proxy runs without NaN" in "\n".join(lines)
+
+
+def test_energy_choice_is_the_lowest_j_per_token_within_5_percent_of_the_fastest():
+    runs = {"llama-coom-te-fp8-mbs8": dict(tok_s=50000.0, j_tok=0.0160),
+            "llama-coom-te-fp8-mbs4": dict(tok_s=48000.0, j_tok=0.0150),  # 4% slower
+            "llama-coom-te-fp8": dict(tok_s=40000.0, j_tok=0.0100),  # 20% slower
+            "llama-coom-te-bf16#2": dict(tok_s=47400.0, j_tok=0.0155),  # 5.2% slower
+            "llama-coom-sdpa-bf16": dict(tok_s=30000.0, j_tok=0.0230)}
+    lines = bench.energy_choice(runs)
+    assert len(lines) == 2  # TE node and TE-free node
+    te = next(line for line in lines if "TE node" in line and "TE-free" not in line)
+    assert te.startswith("energy choice llama on a TE node: llama-coom-te-fp8-mbs4 0.0150")
+    assert "4.0% below the fastest, 2 of 4 configurations within 5%" in te
+
+
+def test_repeats_and_the_budget_decide_what_runs(monkeypatch, tmp_path, capsys):
+    ran = []
+
+    def fake_run_child(name, args, log, env=None):
+        ran.append(name)
+        if name == "matmul":
+            return dict(name="matmul", tflops=750.0, gpu="NVIDIA H200")
+        bench.time.sleep(0.2)
+        return dict(name=name, error="not a GPU")
+
+    monkeypatch.setattr(bench, "run_child", fake_run_child)
+    bench.main(["--only", "^llama-coom-te-bf16$", "--repeat", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert ran == ["matmul"] + ["llama-coom-te-bf16"] * 3
+    assert "| llama-coom-te-bf16#3 | failed: not a GPU |" in out
+    ran.clear()
+    bench.main(["--only", "^llama-coom-te-bf16$", "--repeat", "5", "--budget", "0.5",
+                "--out", str(tmp_path)])
+    assert ran.count("llama-coom-te-bf16") < 5
+    assert "# budget: llama-coom-te-bf16#" in capsys.readouterr().out
 
 
 def test_transformer_engine_is_pointed_at_pytorchs_cudnn(monkeypatch):
@@ -84,3 +125,43 @@ def test_plan_refuses_the_micro_batch_that_ran_out_of_memory():
     recipe.plan.gpu_memory_gb = 79.2  # what torch reported as the H100's total
     with pytest.raises(PlanError, match="exceeds 95% of 79 GiB"):
         check_recipe(recipe)
+
+
+def test_the_child_reports_after_its_last_step_from_measured_steps(monkeypatch):
+    """The child's callback hands its result over at the last step
+    (the process then ends, skipping the teardown); step time is the
+    median after the warm-up, flops from the model's own config."""
+    import types
+
+    import torch
+
+    from coom_nemo.models.llama import llama31_config
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 61e9)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 64e9)
+    import coom_nemo.energy
+
+    monkeypatch.setattr(coom_nemo.energy, "open_meter", lambda: None)
+    clock = iter([0.0, 1.0, 2.0, 2.5, 3.0, 3.6])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    results = []
+    recorder = bench._Recorder(2, 5, lambda r: results.append(
+        bench.measured("llama-coom-te-fp8", r, 2, 60.0)))
+    import fiddle as fdl
+
+    module = types.SimpleNamespace(config=fdl.build(llama31_config("8b", num_layers=8)))
+    recorder.on_train_start(None, module)
+    for step in range(5):
+        assert not results
+        recorder.on_train_batch_end(None, module, {"loss": torch.tensor(7.0 - step)}, None, step)
+    [result] = results
+    assert result["steps"] == 5 and result["losses"] == [7.0, 6.0, 5.0, 4.0, 3.0]
+    assert result["step_ms"] == pytest.approx(500.0)  # median of 0.5, 0.5, 0.6
+    assert result["tok_s"] == pytest.approx(bench.GBS * bench.SEQ / 0.5)
+    assert (result["peak_gb"], result["reserved_gb"], result["estimate_gb"]) == (61, 64, 60)
+    from coom_nemo.model_math import model_flops_per_token
+
+    per_token = model_flops_per_token(module.config, bench.SEQ)
+    assert 6 * 2.2e9 < per_token < 6 * 2.6e9  # 2.3B active matmul params + attention
+    assert result["tflops"] == pytest.approx(per_token * result["tok_s"] / 1e12)

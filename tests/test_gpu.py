@@ -183,14 +183,15 @@ def _tensorboard_losses(run_dir: Path) -> list[dict[int, float]]:
     return runs
 
 
-def _launch(tmp_path, run_dir, steps, env=None, timeout=600):
-    """``recipes/llama31_405b.py`` on 2 GPUs (torchrun through
-    NeMo-Run), deterministic, checkpoints every 5 steps, as a user runs
-    it. Checkpoints are saved synchronously here: a debug step takes
-    milliseconds, so an asynchronous save would still be running when
-    the rank is killed a few steps later."""
+def _launch(tmp_path, run_dir, steps, env=None, timeout=600, gpus=2):
+    """``recipes/llama31_405b.py`` on ``gpus`` GPUs (torchrun on
+    several, in-process on one), deterministic, checkpoints every 5
+    steps, as a user runs it. Checkpoints are saved synchronously
+    here: a debug step takes milliseconds, so an asynchronous save
+    would still be running when the rank is killed a few steps
+    later."""
     cmd = [PYTHON, str(ROOT / "recipes" / "llama31_405b.py"), "--size", "debug", "--no-mlperf",
-           "--gpus-per-node", "2", "--max-steps", str(steps), "--dir", str(run_dir),
+           "--gpus-per-node", str(gpus), "--max-steps", str(steps), "--dir", str(run_dir),
            "model.config.deterministic_mode=True", "log.ckpt.every_n_train_steps=5",
            "trainer.strategy.ckpt_async_save=False"]
     deterministic = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
@@ -202,31 +203,41 @@ def _launch(tmp_path, run_dir, steps, env=None, timeout=600):
     return code, out, time.time() - started
 
 
-@pytest.mark.gpus2
-def test_kill_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
-    """kill -9 rank 1 after step 13 (checkpoints after steps 5 and 10);
-    the same command again resumes from step 10 and reproduces the
-    losses of an uninterrupted run exactly (TensorBoard counts steps
-    from 0)."""
-    two_gpus()
-    code, out, _ = _launch(tmp_path, tmp_path / "straight", 20)
+def _kill_then_resume(tmp_path, gpus: int) -> None:
+    """kill -9 the last rank after step 13 (checkpoints after steps 5
+    and 10); the same command again resumes from step 10 and reproduces
+    the losses of an uninterrupted run exactly (TensorBoard counts
+    steps from 0)."""
+    code, out, _ = _launch(tmp_path, tmp_path / "straight", 20, gpus=gpus)
     assert code == 0, out[-4000:]
     [straight] = _tensorboard_losses(tmp_path / "straight")
 
-    code, out, seconds = _launch(tmp_path, tmp_path / "killed", 20,
-                                 env={"COOM_INJECT_FAULT": "kill@13:rank1"})
+    code, out, seconds = _launch(tmp_path, tmp_path / "killed", 20, gpus=gpus,
+                                 env={"COOM_INJECT_FAULT": f"kill@13:rank{gpus - 1}"})
     assert code != 0, "the job with a killed rank exited 0"
-    code, out, _ = _launch(tmp_path, tmp_path / "killed", 20)
+    code, out, _ = _launch(tmp_path, tmp_path / "killed", 20, gpus=gpus)
     assert code == 0, out[-4000:]
     before, after = _tensorboard_losses(tmp_path / "killed")
     start = min(after)
     steps = sorted(s for s in straight if s >= start)
-    record(test="kill_resume", killed_after_s=round(seconds, 1), last_step_before=max(before),
-           resumed_from=start, steps=steps, straight=[straight[s] for s in steps],
-           resumed=[after.get(s) for s in steps])
+    record(test="kill_resume", gpus=gpus, killed_after_s=round(seconds, 1),
+           last_step_before=max(before), resumed_from=start, steps=steps,
+           straight=[straight[s] for s in steps], resumed=[after.get(s) for s in steps])
     assert 5 < start <= 12, f"resumed at step {start}, not from the step-10 checkpoint"
     assert max(before) >= 12
     assert [after.get(s) for s in steps] == [straight[s] for s in steps]
+
+
+@pytest.mark.gpus2
+def test_kill_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
+    two_gpus()
+    _kill_then_resume(tmp_path, gpus=2)
+
+
+def test_kill_on_one_gpu_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """The same on one GPU (in-process launch): GPU checkpoints written
+    and read back, the data position and RNG states restored."""
+    _kill_then_resume(tmp_path, gpus=1)
 
 
 @pytest.mark.gpus2

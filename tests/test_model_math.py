@@ -61,3 +61,25 @@ def test_mla_caches_the_latent_not_the_heads():
                           hidden_size=7168)
     assert kv_cache_bytes_per_token(mla) == 2 * (512 + 64) * 2
     assert kv_cache_bytes_per_token(mha) == 2 * 2 * 128 * 128 * 2
+
+
+def test_llama31_8b_flops_equal_nemos_llama3_formula():
+    """The formula behind every model TFLOP/s figure here is NeMo's own
+    Llama 3 formula (nemo/utils/flops_formulas.py:llama3), the one
+    NVIDIA's published per-GPU figures use: 51.47 GFLOP a token at
+    seq 8192, so 744 model TFLOP/s/GPU is 14.46K tokens/s/GPU. Ours also
+    counts the RMSNorm weights (2 x hidden a layer): 3e-5 more."""
+    import fiddle as fdl
+    from nemo.utils.flops_formulas import FLOPSConfig, llama3
+
+    from coom_nemo.models.llama import llama31_config
+
+    cfg = fdl.build(llama31_config("8b"))
+    seq, gbs = 8192, 1
+    nemo = llama3(FLOPSConfig(gbs=gbs, enc_seq_len=seq, layers=cfg.num_layers,
+                              hs=cfg.hidden_size, ffn_hs=cfg.ffn_hidden_size,
+                              attention_heads=cfg.num_attention_heads,
+                              query_groups=cfg.num_query_groups, vocab_size=cfg.vocab_size))
+    ours = model_flops_per_token(cfg, seq) * gbs * seq
+    assert ours == pytest.approx(nemo * (1 + 2 * 4096 * 32 * 6 / (nemo / seq)), rel=1e-9)
+    assert ours / seq == pytest.approx(51.47e9, rel=1e-3)

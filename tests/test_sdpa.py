@@ -51,6 +51,30 @@ def test_sdpa_matches_local_attention_gqa(model_parallel, window):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_mode_runs_the_math_kernels(model_parallel, monkeypatch, deterministic):
+    """The flash and memory-efficient backwards use atomics; with
+    ``deterministic_mode`` only the math path may run."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.math_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    module = sdpa.SDPACoreAttention(config(deterministic_mode=deterministic), 1,
+                                    AttnMaskType.causal, "self", pg_collection=ONE_RANK)
+    q, k, v = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8)
+    module(q, k, v, None)
+    flash, efficient, math = seen[0]
+    assert math
+    assert (flash or efficient) != deterministic
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored afterwards
+
+
 def test_sliding_window_changes_the_result(model_parallel):
     q = torch.randn(16, 1, 8, 8)
     k, v = torch.randn(16, 1, 2, 8), torch.randn(16, 1, 2, 8)

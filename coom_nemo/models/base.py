@@ -73,6 +73,10 @@ class CoomConfig:
     """
 
     attention_gate: bool = False
+    # TE's fused cross entropy (a no-op on hosts without TE, see
+    # adapt_to_runtime): no fp32 copy of the logits, 4 bytes a logit
+    # less (bench/RESULTS.md)
+    cross_entropy_fusion_impl: str = "te"
 
     def __post_init__(self):
         turned_off = adapt_to_runtime(self)

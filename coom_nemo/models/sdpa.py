@@ -30,6 +30,7 @@ from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def usable(config) -> bool:
@@ -119,13 +120,22 @@ class SDPACoreAttention(MegatronModule):
         elif attention_mask is not None:
             mask = ~attention_mask  # megatron-core: True = masked out
         dropout = self.dropout if self.training else 0.0
-        with self._rng(dropout):
+        with self._rng(dropout), self._kernels():
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                 scale=self.softmax_scale)
         # [b, n, s, dv] -> [s, b, n * dv]
         out = out.permute(2, 0, 1, 3)
         return out.reshape(out.size(0), out.size(1), -1)
+
+    def _kernels(self):
+        """``deterministic_mode``: PyTorch's math kernels. The flash and
+        memory-efficient backwards accumulate the query gradient with
+        atomics (run to run differences in the last bits); the math
+        path is matmuls and a softmax."""
+        if self.config.deterministic_mode:
+            return sdpa_kernel([SDPBackend.MATH])
+        return nullcontext()
 
     def _rng(self, dropout: float):
         """Tensor-parallel ranks draw dropout from the model-parallel
