@@ -51,6 +51,7 @@ class Variant:
     config: dict = field(default_factory=dict)  # model config overrides
     mask: bool = False  # stock: data with an explicit attention mask
     env: dict = field(default_factory=dict)  # None removes a variable
+    strategy: dict = field(default_factory=dict)  # coom: MegatronStrategy overrides
 
 
 VARIANTS = {
@@ -85,6 +86,12 @@ VARIANTS = {
         "cross_entropy_fusion_impl": "native"}),
     "llama-coom-te-fp8-mbs4-te-swiglu": Variant("llama", "coom", "fp8-delayed", mbs=4, config={
         "use_te_activation_func": True, "bias_activation_fusion": False}),
+    # megatron-core's per-layer CUDA graphs (captured after
+    # cuda_graph_warmup_steps=3: time them with --warmup 5 or more)
+    "llama-coom-te-fp8-mbs4-cudagraph": Variant(
+        "llama", "coom", "fp8-delayed", mbs=4,
+        config={"enable_cuda_graph": True, "use_te_rng_tracker": True},
+        strategy={"use_te_rng_tracker": True}),
     "llama-coom-te-fp8-current": Variant("llama", "coom", "fp8-current"),
     "llama-coom-te-fp8-current-mbs4": Variant("llama", "coom", "fp8-current", mbs=4),
     "llama-coom-te-fp8-blockwise": Variant("llama", "coom", "fp8-blockwise"),
@@ -148,6 +155,8 @@ def coom_recipe(name: str, v: Variant, steps: int, workdir: str):
         if key == "attention_backend":
             value = AttnBackend[value]
         setattr(recipe.model.config, key, value)
+    for key, value in v.strategy.items():
+        setattr(recipe.trainer.strategy, key, value)
     recipe.log.ckpt = None
     recipe.log.tensorboard = None
     recipe.resume = None

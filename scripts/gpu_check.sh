@@ -11,6 +11,9 @@
 #   scripts/gpu_check.sh stage            # installs what arrived; starts TE's build (detached, ~2
 #                                         #   min) once every TE piece is in /opt/te
 #   scripts/gpu_check.sh test no-te|te [pytest args]   # pytest -m gpu, logs to $OUT or gpu-check/
+#     GPU_CHECK_GROUPS="one_gpu resume_one_gpu" picks groups (default: all the node's GPUs allow);
+#     GPU_CHECK_TIMEOUT=<s> bounds each group (default 520)
+#   scripts/gpu_check.sh bench te-free|te|nan [bench.py args]   # bench/bench.py sets, to $OUT
 #
 # Node-only changes (never in the package): the overlay in /opt/coom_pkgs, TE in the node's
 # Python, and a numpy-2 shim (megatron-core 0.15.3 calls np.product, removed in numpy 2, when it
@@ -95,6 +98,9 @@ print(*(f'{n} {v(n)}' for n in ('torch', 'nemo_toolkit', 'megatron_core', 'numpy
   local group name marks keywords devices needed pids=() names=() groups=()
   for group in "${TEST_GROUPS[@]}"; do
     IFS='|' read -r name marks keywords devices needed <<< "$group"
+    if [[ -n ${GPU_CHECK_GROUPS:-} && " $GPU_CHECK_GROUPS " != *" $name "* ]]; then
+      continue
+    fi
     if ((gpus < needed)); then
       echo "## group $name left out: it needs $needed GPUs, the node has $gpus" | tee -a "$log"
       continue
@@ -116,9 +122,35 @@ print(*(f'{n} {v(n)}' for n in ('torch', 'nemo_toolkit', 'megatron_core', 'numpy
   return "$rc"
 }
 
+# Bench sets (bench/bench.py variants, run in this order; the first of each comparison first,
+# so a budget cut leaves whole pairs). Timings need a quiet GPU: run them alone.
+declare -A BENCH_SETS=(
+  [te-free]="^llama-stock-local-bf16$ ^llama-coom-sdpa-bf16-mbs4$ ^llama-coom-sdpa-bf16$
+             ^llama-coom-sdpa-bf16-mbs8$"
+  [te]="^llama-stock-te-fp8$ ^llama-coom-te-fp8-mbs8$ ^moe-stock-te-bf16$ ^moe-coom-te-bf16-mbs8$
+        ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs8$ ^llama-coom-te-fp8-mbs4$
+        ^moe-coom-te-bf16-mbs4$ ^llama-coom-te-fp8-mbs4-native-ce$ ^llama-stock-te-fp8-mbs4$
+        ^llama-coom-te-fp8-mbs4-te-swiglu$ ^moe-coom-te-bf16$"
+  # BF16 on the TE spec, repeated for its NaN rate (no timing: may run beside the tests)
+  [nan]="^llama-coom-te-bf16$"
+)
+
+run_bench() {  # run_bench te-free|te|nan [bench.py args]
+  local set=$1; shift
+  [[ -n ${BENCH_SETS[$set]:-} ]] || { echo "bench set: $set is not one of ${!BENCH_SETS[*]}" >&2; return 2; }
+  wait_for $overlay/.done 300 "the overlay"
+  [[ $set == te-free ]] || wait_for $te_dir/build_end 400 "TE's build"
+  local patterns
+  read -r -a patterns <<< "$(tr '\n' ' ' <<< "${BENCH_SETS[$set]}")"
+  mkdir -p "$out"
+  PYTHONPATH=$PWD:$overlay PYTHONUNBUFFERED=1 python3 bench/bench.py --out "$out/bench_$set" \
+    --only "${patterns[@]}" "$@"
+}
+
 case ${1:-} in
   prepare) prepare ;;
   stage) stage ;;
   test) shift; run_tests "$@" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  bench) shift; run_bench "$@" ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -71,3 +71,27 @@ def test_layout_text_round_trips_through_the_summary_form():
     assert (layout.tp, layout.pp, layout.vp, layout.cp, layout.ep) == (4, 9, None, 2, 2)
     with pytest.raises(ValueError, match="cannot read 'XP2'"):
         Layout().updated("TP2.XP2")
+
+
+def test_te_cross_entropy_counts_the_logits_once():
+    """TE's fused cross entropy keeps only the 16-bit logits (its
+    gradient goes into them in place); megatron-core's native one adds
+    an fp32 copy: 4 bytes a logit more in the estimate. A host without
+    TE builds the config with the native one (adapt_to_runtime), so a
+    plan made there is the conservative one."""
+    from coom_nemo.plan import Plan
+    from coom_nemo.recipe import _build
+
+    recipe = FACTORIES["coom_llama31_405b"](size="8b", num_nodes=1, gpus_per_node=8,
+                                            layout="TP2", micro_batch_size=1, mlperf=False)
+    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
+                           _build(recipe.plan))
+    assert plan.cfg.cross_entropy_fusion_impl == "native"  # no TE on this host
+    plan.cfg.cross_entropy_loss_fusion = True
+    native = plan.memory_estimate_gb()["activations"]
+    plan.cfg.cross_entropy_fusion_impl = "te"
+    te = plan.memory_estimate_gb()["activations"]
+    tokens, vocab = plan.seq_length * plan.mbs / plan.cp, plan.cfg.vocab_size
+    assert (native - te) * 1024**3 == pytest.approx(4 * tokens * vocab / plan.tp)
+    plan.cfg.cross_entropy_loss_fusion = False  # unfused: the fp32 copy again
+    assert plan.memory_estimate_gb()["activations"] == pytest.approx(native)
