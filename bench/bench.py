@@ -104,6 +104,12 @@ VARIANTS = {
     "moe-coom-te-bf16-mbs4": Variant("moe", "coom", mbs=4),
     "moe-coom-te-bf16-mbs8": Variant("moe", "coom", mbs=8),
     "moe-coom-te-fp8": Variant("moe", "coom", "fp8-delayed"),
+    # fusions the coom DeepSeek leaves off by default, one at a time:
+    # TE's fused top-k router, megatron-core's triton MLA RoPE
+    "moe-coom-te-bf16-mbs8-router-fusion": Variant("moe", "coom", mbs=8, config={
+        "moe_router_fusion": True}),
+    "moe-coom-te-bf16-mbs8-rope-fusion": Variant("moe", "coom", mbs=8, config={
+        "apply_rope_fusion": True}),
 }
 
 # pair name -> (stock variant, coom variants that stand for it): one

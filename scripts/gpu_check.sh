@@ -130,7 +130,8 @@ declare -A BENCH_SETS=(
   [te]="^llama-stock-te-fp8$ ^llama-coom-te-fp8-mbs8$ ^moe-stock-te-bf16$ ^moe-coom-te-bf16-mbs8$
         ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs8$ ^llama-coom-te-fp8-mbs4$
         ^moe-coom-te-bf16-mbs4$ ^llama-coom-te-fp8-mbs4-native-ce$ ^llama-stock-te-fp8-mbs4$
-        ^llama-coom-te-fp8-mbs4-te-swiglu$ ^moe-coom-te-bf16$"
+        ^llama-coom-te-fp8-mbs4-te-swiglu$ ^moe-coom-te-bf16$ ^moe-coom-te-bf16-mbs8-router-fusion$
+        ^moe-coom-te-bf16-mbs8-rope-fusion$"
   # BF16 on the TE spec, repeated for its NaN rate (no timing: may run beside the tests)
   [nan]="^llama-coom-te-bf16$"
 )

@@ -165,3 +165,15 @@ def test_the_child_reports_after_its_last_step_from_measured_steps(monkeypatch):
     per_token = model_flops_per_token(module.config, bench.SEQ)
     assert 6 * 2.2e9 < per_token < 6 * 2.6e9  # 2.3B active matmul params + attention
     assert result["tflops"] == pytest.approx(per_token * result["tok_s"] / 1e12)
+
+
+def test_every_bench_set_of_the_gpu_check_names_existing_variants():
+    """A misspelt pattern would cost a lent node's time for nothing."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    sets = re.search(r"declare -A BENCH_SETS=\((.*?)\n\)", script, re.S)[1]
+    patterns = re.findall(r"\^[\w.-]+\$", sets)
+    assert len(patterns) > 10
+    for pattern in patterns:
+        assert [n for n in bench.VARIANTS if re.search(pattern, n)] == [pattern[1:-1]], pattern
+    for pair, (stock, candidates) in bench.PAIRS.items():
+        assert {stock, *candidates} <= set(bench.VARIANTS), pair
