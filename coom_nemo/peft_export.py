@@ -6,7 +6,10 @@ PEFT adds ``lora_B @ lora_A * lora_alpha / r`` beside each HF linear.
 A fused megatron-core linear (``linear_qkv``: q, k and v;
 ``linear_fc1``: gate and up) is several HF linears that read the same
 input, so each of them gets the same ``A`` and its own rows of ``B``,
-split the way the weights are (:mod:`coom_nemo.models.hf_mapping`).
+split the way the weights are (:mod:`coom_nemo.models.hf_mapping`);
+a linear of TransformerEngine's grouped experts (one adapter for all
+of a layer's experts) is every HF expert's linear, with the same
+adapter.
 The result loads with ``peft.PeftModel.from_pretrained`` onto the HF
 base model.
 
@@ -42,18 +45,37 @@ class Target:
     split: type[Mapping] = Mapping
 
 
+def _mlp(megatron: str, hf: str) -> list[Target]:
+    """A gated MLP's two linears: ``linear_fc1`` is gate and up."""
+    return [Target(megatron + "linear_fc1", (hf + "gate_proj", hf + "up_proj"), GatedMLP),
+            Target(megatron + "linear_fc2", (hf + "down_proj",))]
+
+
+_LAYER, _HF = "decoder.layers.*.", "model.layers.*."
 _ATTENTION = [
-    Target("decoder.layers.*.self_attention.linear_qkv",
-           tuple(f"model.layers.*.self_attn.{p}_proj" for p in "qkv"), QKV),
-    Target("decoder.layers.*.self_attention.linear_proj", ("model.layers.*.self_attn.o_proj",)),
+    Target(_LAYER + "self_attention.linear_qkv",
+           tuple(f"{_HF}self_attn.{p}_proj" for p in "qkv"), QKV),
+    Target(_LAYER + "self_attention.linear_proj", (_HF + "self_attn.o_proj",)),
 ]
+# MLA's linears are one HF linear each, imported unchanged (no row
+# permutation: transformers de-interleaves RoPE at run time,
+# modeling_deepseek_v3.py apply_rotary_pos_emb_interleave, and so does
+# megatron-core). Routed experts: megatron-core's local spec has one
+# linear per expert (``local_experts.<e>``); TE's grouped experts are
+# one module, so NeMo's LoRA gives them one adapter that every expert
+# shares (a remaining ``*`` on the HF side: every expert).
+_MLA = [Target(_LAYER + f"self_attention.{megatron}", (f"{_HF}self_attn.{hf}",))
+        for megatron, hf in (("linear_q_proj", "q_proj"), ("linear_q_down_proj", "q_a_proj"),
+                             ("linear_q_up_proj", "q_b_proj"),
+                             ("linear_kv_down_proj", "kv_a_proj_with_mqa"),
+                             ("linear_kv_up_proj", "kv_b_proj"), ("linear_proj", "o_proj"))]
 TARGETS = {
-    "llama": _ATTENTION + [
-        Target("decoder.layers.*.mlp.linear_fc1",
-               ("model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj"), GatedMLP),
-        Target("decoder.layers.*.mlp.linear_fc2", ("model.layers.*.mlp.down_proj",)),
-    ],
+    "llama": _ATTENTION + _mlp(_LAYER + "mlp.", _HF + "mlp."),
     "gpt_oss": _ATTENTION,
+    "deepseek": _MLA + [target for megatron, hf in (
+        ("mlp.", "mlp."), ("mlp.shared_experts.", "mlp.shared_experts."),
+        ("mlp.experts.local_experts.*.", "mlp.experts.*."), ("mlp.experts.", "mlp.experts.*."))
+        for target in _mlp(_LAYER + megatron, _HF + hf)],
 }
 
 
@@ -62,7 +84,15 @@ class _Loader(io.ModelConnector):
 
 
 # config class -> family
-FAMILIES = {"CoomLlama31Config": "llama", "CoomGptOssConfig": "gpt_oss"}
+FAMILIES = {"CoomLlama31Config": "llama", "CoomGptOssConfig": "gpt_oss",
+            "CoomDeepSeekConfig": "deepseek"}
+
+
+def _every_expert(hf_module: str, config) -> list[str]:
+    """``hf_module`` for every routed expert where a ``*`` is left."""
+    if "*" not in hf_module:
+        return [hf_module]
+    return [hf_module.replace("*", str(e)) for e in range(config.num_moe_experts)]
 
 
 def lora_tensors(model, config, family: str) -> tuple[dict[str, torch.Tensor], int, float]:
@@ -92,11 +122,13 @@ def lora_tensors(model, config, family: str) -> tuple[dict[str, torch.Tensor], i
         ranks.add((adapter.dim, float(adapter.alpha)))
         parts = target.split(target.megatron, target.hf).to_hf(b, config)
         for hf_module, b_part in zip(target.hf, parts, strict=True):
+            b_part = b_part.contiguous()
             for number in match.groups():
                 hf_module = hf_module.replace("*", number, 1)
-            prefix = f"base_model.model.{hf_module}"
-            tensors[f"{prefix}.lora_A.weight"] = a.clone()
-            tensors[f"{prefix}.lora_B.weight"] = b_part.contiguous()
+            for module in _every_expert(hf_module, config):
+                prefix = f"base_model.model.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = a.clone()
+                tensors[f"{prefix}.lora_B.weight"] = b_part.clone()
     if len(ranks) != 1:
         raise ValueError(f"adapters: ranks and alphas differ ({sorted(ranks)}); PEFT's "
                          "format holds one pair per adapter file")

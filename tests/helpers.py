@@ -48,6 +48,41 @@ def train(recipe: run.Partial):
     return recorder, trainer
 
 
+class WeightWatch(pl.Callback):
+    """Weights (and which ones train) before the first step (PEFT has
+    added its adapters by then) and at the end of a run, and with
+    ``tokens`` (a list of token lists) the model's logits on them at
+    the end."""
+
+    def __init__(self, tokens=None):
+        self.tokens = tokens
+        self.before = self.logits = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.before is None:
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+
+        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        if self.tokens is not None:
+            tokens = torch.tensor(self.tokens)
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            with torch.no_grad():
+                self.logits = pl_module.eval()(tokens, positions, None)
+
+
+def watched(recipe: run.Partial, tokens=None):
+    """Train ``recipe`` here with a :class:`WeightWatch` (on
+    ``tokens``, a tensor); return (its LossRecorder, the watch)."""
+    recipe.trainer.callbacks.append(run.Config(
+        WeightWatch, tokens=None if tokens is None else tokens.tolist()))
+    recorder, trainer = train(recipe)
+    return recorder, next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+
+
 def one_process_group_each(items):
     """Yield ``items`` for runs in one torchrun job that each start a
     process group: each gets a fresh store on a port of its own

@@ -7,14 +7,12 @@ import os
 import time
 from types import SimpleNamespace
 
-import lightning.pytorch as pl
-import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON, ROOT
 from deepseek_tiny import DEBUG_SHAPE, SHAPES, VOCAB, hf_logits, make_tiny_deepseek
 from gpt_oss_tiny import write_finetuning_data
-from helpers import falls, train
+from helpers import falls, train, watched
 from test_cli import NEMO
 from test_parallel_cpu import _free_port
 
@@ -33,6 +31,7 @@ from coom_nemo.models.deepseek import (
     import_from_hf,
 )
 from coom_nemo.moe_metrics import ExpertLoadMetrics
+from coom_nemo.peft_export import export_lora
 from coom_nemo.plan import PlanError
 from coom_nemo.recipes import deepseek
 
@@ -297,42 +296,105 @@ def test_export_refuses_what_transformers_cannot_compute():
         hf_config_from(config)
 
 
-class WeightWatch(pl.Callback):
-    """Weights (and which ones train) before the first step (PEFT has
-    added its adapters by then) and at the end of a run."""
-
-    before = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.before is None:
-            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, trainer, pl_module):
-        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-
-
-def finetune(factory, checkpoint, data, run_dir):
+def finetune(factory, checkpoint, data, run_dir, lora_targets=None):
     recipe = factory(restore_path=str(checkpoint), data_dir=str(data), size="debug", cpu=True,
                      dir=str(run_dir), seq_length=64)
-    recipe.trainer.callbacks.append(run.Config(WeightWatch))
-    recorder, trainer = train(recipe)
+    if lora_targets:
+        recipe.peft.target_modules = lora_targets
+    recorder, watch = watched(recipe, TOKENS)
     assert len(recorder.losses) == 10
     assert falls(recorder.losses, margin=0.5), recorder.losses
-    return next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+    return watch
 
 
-def test_lora_on_mla_trains_only_its_adapters(checkpoint, tmp_path):
-    _, imported = checkpoint("k6_of_2groups_lite")  # q full-rank: linear_q_proj
+MLA = {"linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj",
+       "linear_proj"}
+
+
+@pytest.mark.parametrize("shape, lora_targets, adapted", [
+    # low-rank q, 5 heads, 8 experts, no dense layer: the recipe's MLA
+    # targets
+    ("k2_of_2groups_all_moe", None, MLA),
+    # full-rank q, 3 heads, 12 experts, 2 shared, a dense layer: every
+    # linear NeMo's LoRA reaches (dense MLP, shared and routed experts)
+    ("k6_of_2groups_lite", deepseek.LORA_TARGETS + ["linear_fc1", "linear_fc2"],
+     MLA - {"linear_q_down_proj", "linear_q_up_proj"} | {
+         "linear_q_proj", "linear_fc1", "linear_fc2"}),
+])
+def test_lora_trains_its_adapters_and_exports_to_peft(checkpoint, shape, lora_targets, adapted,
+                                                      tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3ForCausalLM
+
+    hf, imported = checkpoint(shape)
     data = write_finetuning_data(tmp_path / "chat", chat=True)
-    watch = finetune(deepseek.lora_recipe_16b, imported, data, tmp_path / "run")
+    watch = finetune(deepseek.lora_recipe_16b, imported, data, tmp_path / "run", lora_targets)
     adapters = {n for n in watch.before if ".adapter." in n}
     assert watch.trainable == adapters
-    adapted = {n.split(".adapter.")[0].rsplit(".", 1)[-1] for n in adapters}
-    assert adapted == {"linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj",
-                       "linear_proj"}
+    assert {n.split(".adapter.")[0].rsplit(".", 1)[-1] for n in adapters} == adapted
     changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
     assert changed == adapters
+
+    adapter = export_lora(next((tmp_path / "run").rglob("*-last")), tmp_path / "adapter",
+                          base_model=str(hf))
+    base = DeepseekV3ForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    # every HF linear the adapted megatron-core linears stand for (all
+    # of a layer's linears with the MLPs, its attention's without),
+    # each with an A and a B that are not zero
+    wanted = {name for name, module in base.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+              and (lora_targets or ".self_attn." in name)}
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors} == wanted
+    assert len(tensors) == 2 * len(wanted)
+    assert all(t.abs().amax() > 0 for t in tensors.values())
+    with torch.no_grad():
+        untuned = base(TOKENS).logits
+        theirs = PeftModel.from_pretrained(base, adapter).eval()(TOKENS).logits
+    print(f"{shape}: PEFT vs NeMo max |difference| {(watch.logits - theirs).abs().max():.2e}, "
+          f"adapters moved the logits by {(theirs - untuned).abs().max():.2f}")
+    assert (watch.logits - theirs).abs().max() < TOLERANCE
+    assert (theirs - untuned).abs().max() > 0.1  # the adapters did train
+
+
+def _with_adapters(*names, width=4, rank=2):
+    """A module tree holding NeMo-shaped LoRA adapters at ``names``."""
+    root = torch.nn.Module()
+    for name in names:
+        module = root
+        for part in name.split("."):
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.dim, module.alpha = rank, 2 * rank
+        module.linear_in = torch.nn.Linear(width, rank, bias=False)
+        module.linear_out = torch.nn.Linear(rank, 2 * width, bias=False)
+    return root
+
+
+def test_grouped_experts_adapter_is_every_experts_and_a_stray_one_is_refused():
+    """TE's grouped experts (a GPU-only spec) get one adapter per layer
+    from NeMo's LoRA; in PEFT it is each expert's gate/up with the
+    same A and the B's halves. An adapter of no HF linear is refused."""
+    from coom_nemo.peft_export import lora_tensors
+
+    model = _with_adapters("decoder.layers.1.mlp.experts.linear_fc1.adapter")
+    tensors, rank, alpha = lora_tensors(model, SimpleNamespace(num_moe_experts=3), "deepseek")
+    adapter = model.get_submodule("decoder.layers.1.mlp.experts.linear_fc1.adapter")
+    gate, up = adapter.linear_out.weight.detach().chunk(2)
+    assert (rank, alpha) == (2, 4) and len(tensors) == 3 * 2 * 2
+    for expert in range(3):
+        for proj, b in (("gate_proj", gate), ("up_proj", up)):
+            prefix = f"base_model.model.model.layers.1.mlp.experts.{expert}.{proj}"
+            assert torch.equal(tensors[f"{prefix}.lora_A.weight"], adapter.linear_in.weight)
+            assert torch.equal(tensors[f"{prefix}.lora_B.weight"], b)
+    with pytest.raises(ValueError, match=(
+            r"^decoder\.layers\.0\.mlp\.router: a LoRA adapter with no PEFT name for "
+            r"deepseek; add it to coom_nemo\.peft_export\.TARGETS or train without it$")):
+        lora_tensors(_with_adapters("decoder.layers.0.mlp.router.adapter"),
+                     SimpleNamespace(num_moe_experts=3), "deepseek")
 
 
 def test_sft_trains_and_exports_to_transformers(checkpoint, tmp_path):

@@ -10,13 +10,11 @@ what it computes in NeMo.
 import dataclasses
 from pathlib import Path
 
-import lightning.pytorch as pl
-import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON, ROOT
 from gpt_oss_tiny import hf_logits, make_tiny_gpt_oss, write_finetuning_data
-from helpers import falls, train
+from helpers import falls, watched
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -127,27 +125,10 @@ def test_an_existing_output_is_refused_not_overwritten(hf_dir, imported):
     assert {p: p.stat().st_mtime_ns for p in imported.rglob("*")} == before
 
 
-class WeightWatch(pl.Callback):
-    """Weights (and which ones train) before the first step (PEFT has
-    added its adapters by then) and at the end of a run."""
-
-    before = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.before is None:
-            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, trainer, pl_module):
-        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-
-
 def finetune(factory, imported, data_dir, tmp_path):
     recipe = factory(restore_path=str(imported), data_dir=str(data_dir), size="debug",
                      cpu=True, dir=str(tmp_path / "run"), seq_length=64)
-    recipe.trainer.callbacks.append(run.Config(WeightWatch))
-    recorder, trainer = train(recipe)
-    watch = next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+    recorder, watch = watched(recipe)
     assert len(recorder.losses) == 10
     assert falls(recorder.losses, margin=0.5), recorder.losses
     return watch

@@ -11,12 +11,10 @@ model computes, within TOLERANCE (fp32).
 
 from pathlib import Path
 
-import lightning.pytorch as pl
-import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON
-from helpers import falls, train
+from helpers import falls, watched
 from transformers import AutoConfig, LlamaForCausalLM
 
 from coom_nemo import launch
@@ -51,24 +49,14 @@ def hf_logits(model_dir, adapter=None):
         return model.eval()(TOKENS).logits
 
 
-class FinalLogits(pl.Callback):
-    """The fine-tuned model's logits on TOKENS as training ends."""
-
-    def on_train_end(self, trainer, pl_module):
-        with torch.no_grad():
-            self.logits = pl_module.eval()(TOKENS, POSITIONS, None)
-
-
 def finetune(method, imported, data_dir, tmp_path):
     recipe = FACTORIES[f"coom_llama31_8b_{method}"](
         restore_path=str(imported), data_dir=str(data_dir), size="debug", cpu=True,
         dir=str(tmp_path / "run"), seq_length=64)
-    recipe.trainer.callbacks.append(run.Config(FinalLogits))
-    recorder, trainer = train(recipe)
+    recorder, watch = watched(recipe, TOKENS)
     assert len(recorder.losses) == 10
     assert falls(recorder.losses, margin=0.5), recorder.losses
-    logits = next(cb for cb in trainer.callbacks if isinstance(cb, FinalLogits)).logits
-    return logits, next((tmp_path / "run").rglob("*-last"))
+    return watch.logits, next((tmp_path / "run").rglob("*-last"))
 
 
 def test_import_matches_transformers(hf_dir, imported):
