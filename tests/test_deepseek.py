@@ -12,14 +12,14 @@ import torch
 from conftest import PYTHON, ROOT
 from deepseek_tiny import DEBUG_SHAPE, SHAPES, VOCAB, hf_logits, make_tiny_deepseek
 from gpt_oss_tiny import write_finetuning_data
-from helpers import falls, train, watched
+from helpers import check_te_names, falls, train, watched
 from test_cli import NEMO
 from test_parallel_cpu import _free_port
 
 from coom_nemo import launch
 from coom_nemo.model_math import kv_cache_report
 from coom_nemo.models.base import has_transformer_engine
-from coom_nemo.models.conversion import CheckpointMismatchError, convert_checked, on_this_host
+from coom_nemo.models.conversion import on_this_host
 from coom_nemo.models.deepseek import (
     SIZES,
     CoomDeepSeekConfig,
@@ -30,6 +30,7 @@ from coom_nemo.models.deepseek import (
     hf_config_from,
     import_from_hf,
 )
+from coom_nemo.models.hf_mapping import CheckpointMismatchError
 from coom_nemo.moe_metrics import ExpertLoadMetrics
 from coom_nemo.peft_export import export_lora
 from coom_nemo.plan import PlanError
@@ -243,9 +244,10 @@ def test_megatron_core_group_scores_would_route_otherwise(checkpoint, monkeypatc
 
 @pytest.mark.parametrize("change, message", [
     ("add", "model.layers.0.mlp.extra.weight: in the checkpoint but not in transformers' "
-            "DeepseekV3 of its config.json; give a complete checkpoint of one architecture"),
+            "DeepseekV3ForCausalLM of the config; give a complete checkpoint of one "
+            "architecture and its own config"),
     ("drop", "model.layers.1.mlp.gate.e_score_correction_bias: missing from the checkpoint; "
-             "give a complete checkpoint of one architecture"),
+             "give a complete checkpoint of one architecture and its own config"),
 ])
 def test_a_stray_or_missing_tensor_is_refused_in_one_line(checkpoint, change, message,
                                                           tmp_path):
@@ -266,23 +268,52 @@ def test_a_stray_or_missing_tensor_is_refused_in_one_line(checkpoint, change, me
     assert not (tmp_path / "out").exists()
 
 
-def test_a_conversion_that_drops_or_misses_a_tensor_is_refused():
-    """What the mapping itself misses (the import above maps all)."""
-    from nemo.lightning import io
+def test_a_checkpoints_mtp_layers_are_left_out(checkpoint, tmp_path):
+    """DeepSeek-V3's files hold its MTP layers as the layers after
+    ``num_hidden_layers`` (``num_nextn_predict_layers`` of them), which
+    transformers' model lacks: left out; a layer the config does not
+    name is refused."""
+    import json
+    import shutil
 
-    def convert(mapping, **source):
-        target = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        convert_checked(lambda s, t: io.apply_transforms(s, t, mapping=mapping),
-                        {f"layer.{k}": v for k, v in source.items()}, target)
-        return target[0]
+    from safetensors.torch import load_file, save_file
 
-    both = {"layer.w": "0.weight", "layer.b": "0.bias"}
-    with pytest.raises(CheckpointMismatchError, match=r"^layer\.stray: in the checkpoint but "):
-        convert(both, w=torch.ones(2, 2), b=torch.ones(2), stray=torch.ones(1))
-    with pytest.raises(CheckpointMismatchError, match=r"^0\.bias: in the model but made from "):
-        convert({"layer.w": "0.weight"}, w=torch.ones(2, 2))
-    assert torch.equal(convert(both, w=torch.ones(2, 2), b=torch.full((2,), 3.0)).bias,
-                       torch.full((2,), 3.0))
+    source, _ = checkpoint("debug")
+    hf = shutil.copytree(source, tmp_path / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    mtp = {k.replace("layers.1.", "layers.2."): v.clone() for k, v in tensors.items()
+           if k.startswith("model.layers.1.")}
+    save_file({**tensors, **mtp}, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"^model\.layers\.2\..* \(and \d+ more\): "
+                       "in the checkpoint but not in transformers' DeepseekV3ForCausalLM"):
+        import_from_hf(hf, tmp_path / "refused")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    imported = import_from_hf(hf, tmp_path / "nemo")
+    assert (nemo_logits(imported) - hf_logits(source, TOKENS)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_transformer_engine_names_convert_both_ways(checkpoint, shape):
+    """The TE spec fuses MLA's q/kv norms and a dense layer's MLP norm
+    into the next linear and groups the experts; the same table maps
+    those names (checked here without TE on the host)."""
+    from safetensors.torch import load_file
+
+    from coom_nemo.models.deepseek import MAPPINGS
+    from coom_nemo.models.hf_mapping import megatron_state
+
+    hf, imported = checkpoint(shape)
+    with on_this_host():
+        model, _ = HFCoomDeepSeekExporter(str(imported)).nemo_load(imported)
+        local = megatron_state(model)
+    te = check_te_names(load_file(hf / "model.safetensors"), local, MAPPINGS, model.config,
+                        mla=True, dense_layers=range(SHAPES[shape]["first_k_dense_replace"]))
+    assert any(".experts.linear_fc1.weight" in k for k in te)
+    dense = SHAPES[shape]["first_k_dense_replace"]
+    assert ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te) == bool(dense)
+    assert (f"decoder.layers.{dense}.self_attention.linear_q_up_proj.layer_norm_weight" in te
+            ) == bool(SHAPES[shape]["q_lora_rank"])
 
 
 def test_export_refuses_what_transformers_cannot_compute():
@@ -377,11 +408,13 @@ def _with_adapters(*names, width=4, rank=2):
 def test_grouped_experts_adapter_is_every_experts_and_a_stray_one_is_refused():
     """TE's grouped experts (a GPU-only spec) get one adapter per layer
     from NeMo's LoRA; in PEFT it is each expert's gate/up with the
-    same A and the B's halves. An adapter of no HF linear is refused."""
+    same A and the B's halves. An adapter of no HF linear (gated
+    attention's gate) is refused."""
+    from coom_nemo.models.deepseek import MAPPINGS
     from coom_nemo.peft_export import lora_tensors
 
     model = _with_adapters("decoder.layers.1.mlp.experts.linear_fc1.adapter")
-    tensors, rank, alpha = lora_tensors(model, SimpleNamespace(num_moe_experts=3), "deepseek")
+    tensors, rank, alpha = lora_tensors(model, SimpleNamespace(num_moe_experts=3), MAPPINGS)
     adapter = model.get_submodule("decoder.layers.1.mlp.experts.linear_fc1.adapter")
     gate, up = adapter.linear_out.weight.detach().chunk(2)
     assert (rank, alpha) == (2, 4) and len(tensors) == 3 * 2 * 2
@@ -391,10 +424,10 @@ def test_grouped_experts_adapter_is_every_experts_and_a_stray_one_is_refused():
             assert torch.equal(tensors[f"{prefix}.lora_A.weight"], adapter.linear_in.weight)
             assert torch.equal(tensors[f"{prefix}.lora_B.weight"], b)
     with pytest.raises(ValueError, match=(
-            r"^decoder\.layers\.0\.mlp\.router: a LoRA adapter with no PEFT name for "
-            r"deepseek; add it to coom_nemo\.peft_export\.TARGETS or train without it$")):
-        lora_tensors(_with_adapters("decoder.layers.0.mlp.router.adapter"),
-                     SimpleNamespace(num_moe_experts=3), "deepseek")
+            r"^decoder\.layers\.0\.self_attention\.linear_gate: a LoRA adapter of no HF "
+            r"linear \(PEFT has no name for it\); train without it \(peft\.target_modules\)$")):
+        lora_tensors(_with_adapters("decoder.layers.0.self_attention.linear_gate.adapter"),
+                     SimpleNamespace(num_moe_experts=3), MAPPINGS)
 
 
 def test_sft_trains_and_exports_to_transformers(checkpoint, tmp_path):
