@@ -24,13 +24,8 @@ import torch
 from nemo.lightning import io
 
 from coom_nemo.models import deepseek, gpt_oss_hf, llama_hf
-from coom_nemo.models.conversion import nemo_checkpoint, new_output, on_this_host
+from coom_nemo.models.conversion import loaded, nemo_checkpoint, new_output
 from coom_nemo.models.hf_mapping import filled, megatron_core, name_pattern
-
-
-class _Loader(io.ModelConnector):
-    """Only for ``nemo_load``: a checkpoint's model, adapters in."""
-
 
 # config class -> the family's mapping table (config -> rows)
 FAMILIES = {"CoomLlama31Config": llama_hf.mappings, "CoomGptOssConfig": gpt_oss_hf.mappings,
@@ -115,8 +110,7 @@ def export_lora(checkpoint, output_path, base_model: str | None = None) -> Path:
     if mappings is None:
         raise ValueError(f"checkpoint: a {type(config).__name__} model has no PEFT export; "
                          f"known: {', '.join(FAMILIES)}")
-    with on_this_host():
-        model, _ = _Loader(str(source)).nemo_load(str(source))
+    with loaded(source) as model:
         tensors, rank, alpha = lora_tensors(model, config, mappings(config))
     dtype = config.params_dtype if isinstance(config.params_dtype, torch.dtype) else None
     write_adapter(output, tensors, rank, alpha, base_model, dtype or torch.float32)

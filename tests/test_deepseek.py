@@ -19,11 +19,10 @@ from test_parallel_cpu import _free_port
 from coom_nemo import launch
 from coom_nemo.model_math import kv_cache_report
 from coom_nemo.models.base import has_transformer_engine
-from coom_nemo.models.conversion import on_this_host
+from coom_nemo.models.conversion import loaded
 from coom_nemo.models.deepseek import (
     SIZES,
     CoomDeepSeekConfig,
-    HFCoomDeepSeekExporter,
     config_from_hf,
     deepseek_model,
     export_to_hf,
@@ -202,8 +201,7 @@ def checkpoint(tmp_path_factory):
 
 
 def nemo_logits(path):
-    with on_this_host():
-        model, _ = HFCoomDeepSeekExporter(str(path)).nemo_load(path)
+    with loaded(path) as model:
         positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
         with torch.no_grad():
             return model.eval()(TOKENS, positions, None)
@@ -304,8 +302,7 @@ def test_transformer_engine_names_convert_both_ways(checkpoint, shape):
     from coom_nemo.models.hf_mapping import megatron_state
 
     hf, imported = checkpoint(shape)
-    with on_this_host():
-        model, _ = HFCoomDeepSeekExporter(str(imported)).nemo_load(imported)
+    with loaded(imported) as model:
         local = megatron_state(model)
     te = check_te_names(load_file(hf / "model.safetensors"), local, MAPPINGS, model.config,
                         mla=True, dense_layers=range(SHAPES[shape]["first_k_dense_replace"]))

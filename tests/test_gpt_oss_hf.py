@@ -18,12 +18,12 @@ from helpers import check_te_names, falls, watched
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from coom_nemo.models.conversion import loaded
 from coom_nemo.models.gpt_oss import CoomGptOssConfig
 from coom_nemo.models.gpt_oss_hf import (
     config_from_hf,
     export_to_hf,
     import_from_hf,
-    loaded,
 )
 from coom_nemo.models.hf_mapping import CheckpointMismatchError
 from coom_nemo.recipes import gpt_oss_20b

@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from nemo.lightning import io
 
 from coom_nemo.models.hf_mapping import (
     TIED,
@@ -146,19 +147,28 @@ class TableExporter:
 
     @cached_property
     def nemo_config(self):
-        from nemo.lightning import io
-
         return io.load_context(str(self), subpath="model.config")
 
     @cached_property
     def tokenizer(self):
-        from nemo.lightning import io
-
         return io.load_context(str(self), subpath="model.tokenizer")
 
     @cached_property
     def config(self):
         return self.hf_config_of(self.nemo_config)
+
+
+class _Loader(io.ModelConnector):
+    """Only for ``nemo_load``."""
+
+
+@contextlib.contextmanager
+def loaded(checkpoint):
+    """The model of a NeMo checkpoint of any family (LoRA adapters in),
+    built on this host, for inspection or export here."""
+    with on_this_host():
+        model, _ = _Loader(str(checkpoint)).nemo_load(str(checkpoint))
+        yield model
 
 
 @contextlib.contextmanager

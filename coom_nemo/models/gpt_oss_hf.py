@@ -24,7 +24,6 @@ the same function as the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -319,11 +318,3 @@ def export_to_hf(checkpoint, output_path) -> Path:
     output = new_output(output_path)
     with on_this_host():
         return llm.export_ckpt(source, "hf", output_path=output)
-
-
-@contextlib.contextmanager
-def loaded(checkpoint):
-    """The model of a NeMo GPT-OSS checkpoint, for inspection here."""
-    with on_this_host():
-        model, trainer = HFGptOssExporter(str(checkpoint)).nemo_load(str(checkpoint))
-        yield model

@@ -15,7 +15,6 @@ without TE they stayed at 1.0, with one "No matches found" warning.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import cached_property
 from pathlib import Path
@@ -153,11 +152,3 @@ def export_to_hf(checkpoint, output_path) -> Path:
     output = new_output(output_path)
     with on_this_host():
         return HFLlama31Exporter(str(source.resolve()))(output_path=output)
-
-
-@contextlib.contextmanager
-def loaded(checkpoint):
-    """The model of a NeMo Llama checkpoint, for inspection here."""
-    with on_this_host():
-        model, _ = HFLlama31Exporter(str(checkpoint)).nemo_load(str(checkpoint))
-        yield model
