@@ -3,100 +3,78 @@ format.
 
 NeMo's LoRA adds ``B @ A * alpha / dim`` beside a megatron-core linear;
 PEFT adds ``lora_B @ lora_A * lora_alpha / r`` beside each HF linear.
-A fused megatron-core linear (``linear_qkv``: q, k and v;
-``linear_fc1``: gate and up) is several HF linears that read the same
-input, so each of them gets the same ``A`` and its own rows of ``B``,
-split the way the weights are (:mod:`coom_nemo.models.hf_mapping`).
-The result loads with ``peft.PeftModel.from_pretrained`` onto the HF
-base model.
-
-:data:`TARGETS` is the per-family table of adapted modules; a family's
-names go there (``*`` is a layer number).
+Which HF linear(s) an adapted megatron-core linear is comes from the
+family's weight mapping table (:mod:`coom_nemo.models.hf_mapping`),
+the one its import and export read: a row that only splits or reorders
+a weight's output rows (``splits_rows``) maps ``B`` the same way. A
+fused linear (``linear_qkv``: q, k and v; ``linear_fc1``: gate and
+up) is several HF linears that read the same input, so each gets the
+same ``A`` and its own rows of ``B``; a linear of TransformerEngine's
+grouped experts (one adapter for all of a layer's experts) is every HF
+expert's linear, with the same adapter. The result loads with
+``peft.PeftModel.from_pretrained`` onto the HF base model.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from nemo.lightning import io
 
-from coom_nemo.models.conversion import nemo_checkpoint, new_output, on_this_host
-from coom_nemo.models.hf_mapping import (
-    QKV,
-    GatedMLP,
-    Mapping,
-    megatron_core,
-)
+from coom_nemo.models import deepseek, gpt_oss_hf, llama_hf
+from coom_nemo.models.conversion import loaded, nemo_checkpoint, new_output
+from coom_nemo.models.hf_mapping import filled, megatron_core, name_pattern
+
+# config class -> the family's mapping table (config -> rows)
+FAMILIES = {"CoomLlama31Config": llama_hf.mappings, "CoomGptOssConfig": gpt_oss_hf.mappings,
+            "CoomDeepSeekConfig": deepseek.mappings}
+
+_WEIGHT = re.compile(r"\.weight\*?$")  # a linear's weight (TE grouped: weight<e>)
 
 
-@dataclass(frozen=True)
-class Target:
-    """A megatron-core linear LoRA may adapt and the HF linear(s) it
-    is; ``split`` divides its output rows among them."""
-
-    megatron: str
-    hf: tuple[str, ...]
-    split: type[Mapping] = Mapping
-
-
-_ATTENTION = [
-    Target("decoder.layers.*.self_attention.linear_qkv",
-           tuple(f"model.layers.*.self_attn.{p}_proj" for p in "qkv"), QKV),
-    Target("decoder.layers.*.self_attention.linear_proj", ("model.layers.*.self_attn.o_proj",)),
-]
-TARGETS = {
-    "llama": _ATTENTION + [
-        Target("decoder.layers.*.mlp.linear_fc1",
-               ("model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj"), GatedMLP),
-        Target("decoder.layers.*.mlp.linear_fc2", ("model.layers.*.mlp.down_proj",)),
-    ],
-    "gpt_oss": _ATTENTION,
-}
+def _linears(mappings):
+    """(megatron-core linear pattern, HF linear names, row) of every
+    row that maps one linear's weight row by row."""
+    for row in mappings:
+        if row.splits_rows and len(row.megatron) == 1 and all(
+                _WEIGHT.search(name) for name in row.megatron + row.hf):
+            yield (name_pattern(_WEIGHT.sub("", row.megatron[0])),
+                   [_WEIGHT.sub("", name) for name in row.hf], row)
 
 
-class _Loader(io.ModelConnector):
-    """Only for ``nemo_load``: a checkpoint's model, adapters in."""
-
-
-# config class -> family
-FAMILIES = {"CoomLlama31Config": "llama", "CoomGptOssConfig": "gpt_oss"}
-
-
-def lora_tensors(model, config, family: str) -> tuple[dict[str, torch.Tensor], int, float]:
+def lora_tensors(model, config, mappings) -> tuple[dict[str, torch.Tensor], int, float]:
     """PEFT's tensors of every LoRA adapter in ``model`` (a NeMo model),
-    with the rank and alpha; an adapter the table does not name is
-    refused in one line."""
-    if family not in TARGETS:
-        raise ValueError(f"family: {family!r} has no PEFT names; add its rows to "
-                         f"coom_nemo.peft_export.TARGETS (known: {', '.join(TARGETS)})")
+    with the rank and alpha, through the family's ``mappings``; an
+    adapter of no HF linear is refused in one line."""
     adapters = {name.removesuffix(".adapter"): module
                 for name, module in megatron_core(model).named_modules()
                 if name.endswith(".adapter")}
     if not adapters:
         raise ValueError("checkpoint: it holds no LoRA adapters; give the checkpoint of a "
                          "LoRA run (a full fine-tuning exports with export_to_hf)")
-    patterns = [(t, re.compile(re.escape(t.megatron).replace(r"\*", r"(\d+)")))
-                for t in TARGETS[family]]
+    linears = list(_linears(mappings))
+    experts = getattr(config, "num_moe_experts", None) or 0
     tensors, ranks = {}, set()
     for name, adapter in adapters.items():
-        hit = next(((t, m) for t, p in patterns if (m := p.fullmatch(name))), None)
+        hit = next(((m, hf, row) for p, hf, row in linears if (m := p.fullmatch(name))), None)
         if hit is None:
-            raise ValueError(f"{name}: a LoRA adapter with no PEFT name for {family}; add it "
-                             "to coom_nemo.peft_export.TARGETS or train without it")
-        target, match = hit
+            raise ValueError(f"{name}: a LoRA adapter of no HF linear (PEFT has no name for "
+                             "it); train without it (peft.target_modules)")
+        match, hf_modules, row = hit
         a = adapter.linear_in.weight.detach().float().cpu()
         b = adapter.linear_out.weight.detach().float().cpu()
         ranks.add((adapter.dim, float(adapter.alpha)))
-        parts = target.split(target.megatron, target.hf).to_hf(b, config)
-        for hf_module, b_part in zip(target.hf, parts, strict=True):
-            for number in match.groups():
-                hf_module = hf_module.replace("*", number, 1)
-            prefix = f"base_model.model.{hf_module}"
-            tensors[f"{prefix}.lora_A.weight"] = a.clone()
-            tensors[f"{prefix}.lora_B.weight"] = b_part.contiguous()
+        parts = row.to_hf([b], config)
+        for hf_module, b_part in zip(hf_modules, parts, strict=True):
+            b_part = b_part.contiguous()
+            # a ``*`` left over: TE's grouped experts, one adapter
+            # for all of them
+            for module in filled([hf_module], match.groups(), experts):
+                prefix = f"base_model.model.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = a.clone()
+                tensors[f"{prefix}.lora_B.weight"] = b_part.clone()
     if len(ranks) != 1:
         raise ValueError(f"adapters: ranks and alphas differ ({sorted(ranks)}); PEFT's "
                          "format holds one pair per adapter file")
@@ -128,13 +106,12 @@ def export_lora(checkpoint, output_path, base_model: str | None = None) -> Path:
     source = nemo_checkpoint(checkpoint)
     output = new_output(output_path)
     config = io.load_context(str(source), subpath="model.config")
-    family = FAMILIES.get(type(config).__name__)
-    if family is None:
+    mappings = FAMILIES.get(type(config).__name__)
+    if mappings is None:
         raise ValueError(f"checkpoint: a {type(config).__name__} model has no PEFT export; "
                          f"known: {', '.join(FAMILIES)}")
-    with on_this_host():
-        model, _ = _Loader(str(source)).nemo_load(str(source))
-        tensors, rank, alpha = lora_tensors(model, config, family)
+    with loaded(source) as model:
+        tensors, rank, alpha = lora_tensors(model, config, mappings(config))
     dtype = config.params_dtype if isinstance(config.params_dtype, torch.dtype) else None
     write_adapter(output, tensors, rank, alpha, base_model, dtype or torch.float32)
     return output

@@ -87,8 +87,13 @@ def release_global_state() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.transformer.moe import moe_utils
 
     destroy_num_microbatches_calculator()
+    # megatron-core sizes its per-layer aux-loss record by the first
+    # model's layer count and keeps it (moe_utils.py:736-740): a deeper
+    # model next would index past its end
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

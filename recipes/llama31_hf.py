@@ -24,7 +24,6 @@ def main(argv=None) -> int:
     parser.add_argument("--base", help="export-lora: the HF base model's directory or name")
     args = parser.parse_args(argv)
 
-    from coom_nemo.models.hf_mapping import MappingError
     from coom_nemo.models.llama_hf import export_to_hf, import_from_hf
     from coom_nemo.peft_export import export_lora
 
@@ -35,7 +34,7 @@ def main(argv=None) -> int:
             written = export_to_hf(args.source, args.output)
         else:
             written = export_lora(args.source, args.output, base_model=args.base)
-    except (MappingError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {written}")

@@ -7,32 +7,31 @@ import os
 import time
 from types import SimpleNamespace
 
-import lightning.pytorch as pl
-import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON, ROOT
 from deepseek_tiny import DEBUG_SHAPE, SHAPES, VOCAB, hf_logits, make_tiny_deepseek
 from gpt_oss_tiny import write_finetuning_data
-from helpers import falls, train
+from helpers import check_te_names, falls, train, watched
 from test_cli import NEMO
 from test_parallel_cpu import _free_port
 
 from coom_nemo import launch
 from coom_nemo.model_math import kv_cache_report
 from coom_nemo.models.base import has_transformer_engine
-from coom_nemo.models.conversion import CheckpointMismatchError, convert_checked, on_this_host
+from coom_nemo.models.conversion import loaded
 from coom_nemo.models.deepseek import (
     SIZES,
     CoomDeepSeekConfig,
-    HFCoomDeepSeekExporter,
     config_from_hf,
     deepseek_model,
     export_to_hf,
     hf_config_from,
     import_from_hf,
 )
+from coom_nemo.models.hf_mapping import CheckpointMismatchError
 from coom_nemo.moe_metrics import ExpertLoadMetrics
+from coom_nemo.peft_export import export_lora
 from coom_nemo.plan import PlanError
 from coom_nemo.recipes import deepseek
 
@@ -202,8 +201,7 @@ def checkpoint(tmp_path_factory):
 
 
 def nemo_logits(path):
-    with on_this_host():
-        model, _ = HFCoomDeepSeekExporter(str(path)).nemo_load(path)
+    with loaded(path) as model:
         positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
         with torch.no_grad():
             return model.eval()(TOKENS, positions, None)
@@ -244,9 +242,10 @@ def test_megatron_core_group_scores_would_route_otherwise(checkpoint, monkeypatc
 
 @pytest.mark.parametrize("change, message", [
     ("add", "model.layers.0.mlp.extra.weight: in the checkpoint but not in transformers' "
-            "DeepseekV3 of its config.json; give a complete checkpoint of one architecture"),
+            "DeepseekV3ForCausalLM of the config; give a complete checkpoint of one "
+            "architecture and its own config"),
     ("drop", "model.layers.1.mlp.gate.e_score_correction_bias: missing from the checkpoint; "
-             "give a complete checkpoint of one architecture"),
+             "give a complete checkpoint of one architecture and its own config"),
 ])
 def test_a_stray_or_missing_tensor_is_refused_in_one_line(checkpoint, change, message,
                                                           tmp_path):
@@ -267,23 +266,51 @@ def test_a_stray_or_missing_tensor_is_refused_in_one_line(checkpoint, change, me
     assert not (tmp_path / "out").exists()
 
 
-def test_a_conversion_that_drops_or_misses_a_tensor_is_refused():
-    """What the mapping itself misses (the import above maps all)."""
-    from nemo.lightning import io
+def test_a_checkpoints_mtp_layers_are_left_out(checkpoint, tmp_path):
+    """DeepSeek-V3's files hold its MTP layers as the layers after
+    ``num_hidden_layers`` (``num_nextn_predict_layers`` of them), which
+    transformers' model lacks: left out; a layer the config does not
+    name is refused."""
+    import json
+    import shutil
 
-    def convert(mapping, **source):
-        target = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        convert_checked(lambda s, t: io.apply_transforms(s, t, mapping=mapping),
-                        {f"layer.{k}": v for k, v in source.items()}, target)
-        return target[0]
+    from safetensors.torch import load_file, save_file
 
-    both = {"layer.w": "0.weight", "layer.b": "0.bias"}
-    with pytest.raises(CheckpointMismatchError, match=r"^layer\.stray: in the checkpoint but "):
-        convert(both, w=torch.ones(2, 2), b=torch.ones(2), stray=torch.ones(1))
-    with pytest.raises(CheckpointMismatchError, match=r"^0\.bias: in the model but made from "):
-        convert({"layer.w": "0.weight"}, w=torch.ones(2, 2))
-    assert torch.equal(convert(both, w=torch.ones(2, 2), b=torch.full((2,), 3.0)).bias,
-                       torch.full((2,), 3.0))
+    source, _ = checkpoint("debug")
+    hf = shutil.copytree(source, tmp_path / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    mtp = {k.replace("layers.1.", "layers.2."): v.clone() for k, v in tensors.items()
+           if k.startswith("model.layers.1.")}
+    save_file({**tensors, **mtp}, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"^model\.layers\.2\..* \(and \d+ more\): "
+                       "in the checkpoint but not in transformers' DeepseekV3ForCausalLM"):
+        import_from_hf(hf, tmp_path / "refused")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    imported = import_from_hf(hf, tmp_path / "nemo")
+    assert (nemo_logits(imported) - hf_logits(source, TOKENS)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_transformer_engine_names_convert_both_ways(checkpoint, shape):
+    """The TE spec fuses MLA's q/kv norms and a dense layer's MLP norm
+    into the next linear and groups the experts; the same table maps
+    those names (checked here without TE on the host)."""
+    from safetensors.torch import load_file
+
+    from coom_nemo.models.deepseek import MAPPINGS
+    from coom_nemo.models.hf_mapping import megatron_state
+
+    hf, imported = checkpoint(shape)
+    with loaded(imported) as model:
+        local = megatron_state(model)
+    te = check_te_names(load_file(hf / "model.safetensors"), local, MAPPINGS, model.config,
+                        mla=True, dense_layers=range(SHAPES[shape]["first_k_dense_replace"]))
+    assert any(".experts.linear_fc1.weight" in k for k in te)
+    dense = SHAPES[shape]["first_k_dense_replace"]
+    assert ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te) == bool(dense)
+    assert (f"decoder.layers.{dense}.self_attention.linear_q_up_proj.layer_norm_weight" in te
+            ) == bool(SHAPES[shape]["q_lora_rank"])
 
 
 def test_export_refuses_what_transformers_cannot_compute():
@@ -297,42 +324,107 @@ def test_export_refuses_what_transformers_cannot_compute():
         hf_config_from(config)
 
 
-class WeightWatch(pl.Callback):
-    """Weights (and which ones train) before the first step (PEFT has
-    added its adapters by then) and at the end of a run."""
-
-    before = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.before is None:
-            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, trainer, pl_module):
-        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-
-
-def finetune(factory, checkpoint, data, run_dir):
+def finetune(factory, checkpoint, data, run_dir, lora_targets=None):
     recipe = factory(restore_path=str(checkpoint), data_dir=str(data), size="debug", cpu=True,
                      dir=str(run_dir), seq_length=64)
-    recipe.trainer.callbacks.append(run.Config(WeightWatch))
-    recorder, trainer = train(recipe)
+    if lora_targets:
+        recipe.peft.target_modules = lora_targets
+    recorder, watch = watched(recipe, TOKENS)
     assert len(recorder.losses) == 10
     assert falls(recorder.losses, margin=0.5), recorder.losses
-    return next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+    return watch
 
 
-def test_lora_on_mla_trains_only_its_adapters(checkpoint, tmp_path):
-    _, imported = checkpoint("k6_of_2groups_lite")  # q full-rank: linear_q_proj
+MLA = {"linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj",
+       "linear_proj"}
+
+
+@pytest.mark.parametrize("shape, lora_targets, adapted", [
+    # low-rank q, 5 heads, 8 experts, no dense layer: the recipe's MLA
+    # targets
+    ("k2_of_2groups_all_moe", None, MLA),
+    # full-rank q, 3 heads, 12 experts, 2 shared, a dense layer: every
+    # linear NeMo's LoRA reaches (dense MLP, shared and routed experts)
+    ("k6_of_2groups_lite", deepseek.LORA_TARGETS + ["linear_fc1", "linear_fc2"],
+     MLA - {"linear_q_down_proj", "linear_q_up_proj"} | {
+         "linear_q_proj", "linear_fc1", "linear_fc2"}),
+])
+def test_lora_trains_its_adapters_and_exports_to_peft(checkpoint, shape, lora_targets, adapted,
+                                                      tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3ForCausalLM
+
+    hf, imported = checkpoint(shape)
     data = write_finetuning_data(tmp_path / "chat", chat=True)
-    watch = finetune(deepseek.lora_recipe_16b, imported, data, tmp_path / "run")
+    watch = finetune(deepseek.lora_recipe_16b, imported, data, tmp_path / "run", lora_targets)
     adapters = {n for n in watch.before if ".adapter." in n}
     assert watch.trainable == adapters
-    adapted = {n.split(".adapter.")[0].rsplit(".", 1)[-1] for n in adapters}
-    assert adapted == {"linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj",
-                       "linear_proj"}
+    assert {n.split(".adapter.")[0].rsplit(".", 1)[-1] for n in adapters} == adapted
     changed = {n for n in watch.before if not torch.equal(watch.before[n], watch.after[n])}
     assert changed == adapters
+
+    adapter = export_lora(next((tmp_path / "run").rglob("*-last")), tmp_path / "adapter",
+                          base_model=str(hf))
+    base = DeepseekV3ForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    # every HF linear the adapted megatron-core linears stand for (all
+    # of a layer's linears with the MLPs, its attention's without),
+    # each with an A and a B that are not zero
+    wanted = {name for name, module in base.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+              and (lora_targets or ".self_attn." in name)}
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors} == wanted
+    assert len(tensors) == 2 * len(wanted)
+    assert all(t.abs().amax() > 0 for t in tensors.values())
+    with torch.no_grad():
+        untuned = base(TOKENS).logits
+        theirs = PeftModel.from_pretrained(base, adapter).eval()(TOKENS).logits
+    print(f"{shape}: PEFT vs NeMo max |difference| {(watch.logits - theirs).abs().max():.2e}, "
+          f"adapters moved the logits by {(theirs - untuned).abs().max():.2f}")
+    assert (watch.logits - theirs).abs().max() < TOLERANCE
+    assert (theirs - untuned).abs().max() > 0.1  # the adapters did train
+
+
+def _with_adapters(*names, width=4, rank=2):
+    """A module tree holding NeMo-shaped LoRA adapters at ``names``."""
+    root = torch.nn.Module()
+    for name in names:
+        module = root
+        for part in name.split("."):
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.dim, module.alpha = rank, 2 * rank
+        module.linear_in = torch.nn.Linear(width, rank, bias=False)
+        module.linear_out = torch.nn.Linear(rank, 2 * width, bias=False)
+    return root
+
+
+def test_grouped_experts_adapter_is_every_experts_and_a_stray_one_is_refused():
+    """TE's grouped experts (a GPU-only spec) get one adapter per layer
+    from NeMo's LoRA; in PEFT it is each expert's gate/up with the
+    same A and the B's halves. An adapter of no HF linear (gated
+    attention's gate) is refused."""
+    from coom_nemo.models.deepseek import MAPPINGS
+    from coom_nemo.peft_export import lora_tensors
+
+    model = _with_adapters("decoder.layers.1.mlp.experts.linear_fc1.adapter")
+    tensors, rank, alpha = lora_tensors(model, SimpleNamespace(num_moe_experts=3), MAPPINGS)
+    adapter = model.get_submodule("decoder.layers.1.mlp.experts.linear_fc1.adapter")
+    gate, up = adapter.linear_out.weight.detach().chunk(2)
+    assert (rank, alpha) == (2, 4) and len(tensors) == 3 * 2 * 2
+    for expert in range(3):
+        for proj, b in (("gate_proj", gate), ("up_proj", up)):
+            prefix = f"base_model.model.model.layers.1.mlp.experts.{expert}.{proj}"
+            assert torch.equal(tensors[f"{prefix}.lora_A.weight"], adapter.linear_in.weight)
+            assert torch.equal(tensors[f"{prefix}.lora_B.weight"], b)
+    with pytest.raises(ValueError, match=(
+            r"^decoder\.layers\.0\.self_attention\.linear_gate: a LoRA adapter of no HF "
+            r"linear \(PEFT has no name for it\); train without it \(peft\.target_modules\)$")):
+        lora_tensors(_with_adapters("decoder.layers.0.self_attention.linear_gate.adapter"),
+                     SimpleNamespace(num_moe_experts=3), MAPPINGS)
 
 
 def test_sft_trains_and_exports_to_transformers(checkpoint, tmp_path):

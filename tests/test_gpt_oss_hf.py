@@ -10,24 +10,22 @@ what it computes in NeMo.
 import dataclasses
 from pathlib import Path
 
-import lightning.pytorch as pl
-import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON, ROOT
 from gpt_oss_tiny import hf_logits, make_tiny_gpt_oss, write_finetuning_data
-from helpers import falls, train
+from helpers import check_te_names, falls, watched
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from coom_nemo.models.conversion import loaded
 from coom_nemo.models.gpt_oss import CoomGptOssConfig
 from coom_nemo.models.gpt_oss_hf import (
-    CheckpointMismatchError,
     config_from_hf,
     export_to_hf,
     import_from_hf,
-    loaded,
 )
+from coom_nemo.models.hf_mapping import CheckpointMismatchError
 from coom_nemo.recipes import gpt_oss_20b
 
 TOKENS = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -80,6 +78,20 @@ def test_other_shapes_import_with_matching_logits(shape, tmp_path):
     assert torch.equal(hf_logits(export_to_hf(imported, tmp_path / "out"), TOKENS), theirs)
 
 
+def test_transformer_engine_names_convert_both_ways(hf_dir, imported):
+    """The TE spec fuses the input norm into linear_qkv and groups the
+    experts (weight<e>, bias<e>); the same table maps those names
+    (checked here without TE on the host)."""
+    from coom_nemo.models.gpt_oss_hf import mappings
+    from coom_nemo.models.hf_mapping import megatron_state
+
+    with loaded(imported) as model:
+        local, config = megatron_state(model), model.config
+    te = check_te_names(load_file(hf_dir / "model.safetensors"), local, mappings(config), config,
+                        mla=False, dense_layers=())
+    assert "decoder.layers.1.mlp.experts.linear_fc1.bias3" in te
+
+
 def test_a_tensor_no_weight_takes_is_refused_in_one_line(hf_dir, tmp_path):
     import shutil
 
@@ -92,9 +104,9 @@ def test_a_tensor_no_weight_takes_is_refused_in_one_line(hf_dir, tmp_path):
     with pytest.raises(CheckpointMismatchError) as error:
         import_from_hf(copy, tmp_path / "out")
     assert str(error.value) == (
-        "model.layers.1.self_attn.k_norm.weight: in the checkpoint but converted into no "
-        "tensor of the model; convert into a model config of the checkpoint's architecture "
-        "(a tensor would otherwise be dropped)")
+        "model.layers.1.self_attn.k_norm.weight: in the checkpoint but not in transformers' "
+        "GptOssForCausalLM of the config; give a complete checkpoint of one architecture and "
+        "its own config")
     assert not (tmp_path / "out").exists()
 
 
@@ -127,27 +139,10 @@ def test_an_existing_output_is_refused_not_overwritten(hf_dir, imported):
     assert {p: p.stat().st_mtime_ns for p in imported.rglob("*")} == before
 
 
-class WeightWatch(pl.Callback):
-    """Weights (and which ones train) before the first step (PEFT has
-    added its adapters by then) and at the end of a run."""
-
-    before = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.before is None:
-            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-            self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, trainer, pl_module):
-        self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-
-
 def finetune(factory, imported, data_dir, tmp_path):
     recipe = factory(restore_path=str(imported), data_dir=str(data_dir), size="debug",
                      cpu=True, dir=str(tmp_path / "run"), seq_length=64)
-    recipe.trainer.callbacks.append(run.Config(WeightWatch))
-    recorder, trainer = train(recipe)
-    watch = next(cb for cb in trainer.callbacks if isinstance(cb, WeightWatch))
+    recorder, watch = watched(recipe)
     assert len(recorder.losses) == 10
     assert falls(recorder.losses, margin=0.5), recorder.losses
     return watch

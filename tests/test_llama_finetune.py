@@ -11,16 +11,15 @@ model computes, within TOLERANCE (fp32).
 
 from pathlib import Path
 
-import lightning.pytorch as pl
-import nemo_run as run
 import pytest
 import torch
 from conftest import PYTHON
-from helpers import falls, train
+from helpers import falls, watched
 from transformers import AutoConfig, LlamaForCausalLM
 
 from coom_nemo import launch
-from coom_nemo.models.llama_hf import export_to_hf, import_from_hf, loaded
+from coom_nemo.models.conversion import loaded
+from coom_nemo.models.llama_hf import export_to_hf, import_from_hf
 from coom_nemo.peft_export import export_lora
 from coom_nemo.recipes.llama31_finetune import FACTORIES
 from coom_nemo.tiny import make_tiny_llama, write_finetuning_data
@@ -51,24 +50,14 @@ def hf_logits(model_dir, adapter=None):
         return model.eval()(TOKENS).logits
 
 
-class FinalLogits(pl.Callback):
-    """The fine-tuned model's logits on TOKENS as training ends."""
-
-    def on_train_end(self, trainer, pl_module):
-        with torch.no_grad():
-            self.logits = pl_module.eval()(TOKENS, POSITIONS, None)
-
-
 def finetune(method, imported, data_dir, tmp_path):
     recipe = FACTORIES[f"coom_llama31_8b_{method}"](
         restore_path=str(imported), data_dir=str(data_dir), size="debug", cpu=True,
         dir=str(tmp_path / "run"), seq_length=64)
-    recipe.trainer.callbacks.append(run.Config(FinalLogits))
-    recorder, trainer = train(recipe)
+    recorder, watch = watched(recipe, TOKENS)
     assert len(recorder.losses) == 10
     assert falls(recorder.losses, margin=0.5), recorder.losses
-    logits = next(cb for cb in trainer.callbacks if isinstance(cb, FinalLogits)).logits
-    return logits, next((tmp_path / "run").rglob("*-last"))
+    return watch.logits, next((tmp_path / "run").rglob("*-last"))
 
 
 def test_import_matches_transformers(hf_dir, imported):
@@ -143,21 +132,3 @@ def test_full_size_plans_pass_the_plan_check(name, monkeypatch, tmp_path, capsys
                              data_dir=str(write_finetuning_data(tmp_path, chat=True)))
     assert f"model=llama31_{size}_" in capsys.readouterr().out
     assert recipe.plan.frozen_weights == name.endswith("_lora")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_import_on_a_gpu_node_matches_transformers(hf_dir, tmp_path):
-    """Where TE imports, the layer spec fuses each norm into the next
-    linear: the table's TE rows must carry the norms there. (Written
-    without a GPU; not yet run.)"""
-    from coom_nemo.models.base import has_transformer_engine
-    from coom_nemo.models.hf_mapping import megatron_state
-
-    checkpoint = import_from_hf(hf_dir, tmp_path / "nemo")
-    with loaded(checkpoint) as model, torch.no_grad():
-        fused = any(n.endswith("linear_qkv.layer_norm_weight") for n in megatron_state(model))
-        ours = model.cuda().eval()(TOKENS.cuda(), POSITIONS.cuda(), None).float().cpu()
-    assert fused == has_transformer_engine()
-    # GPU kernels (TF32 GEMMs in TE) are looser than the CPU's fp32
-    assert (ours - hf_logits(hf_dir)).abs().max() < 1e-2

@@ -11,9 +11,11 @@ is refused in one line.
 
 import pytest
 import torch
+from helpers import check_te_names
 
-from coom_nemo.models.hf_mapping import MappingError, convert, megatron_state
-from coom_nemo.models.llama_hf import MAPPINGS, config_from_hf, hf_to_megatron, megatron_to_hf
+from coom_nemo.models import hf_mapping
+from coom_nemo.models.hf_mapping import CheckpointMismatchError, megatron_state, shapes
+from coom_nemo.models.llama_hf import MAPPINGS, config_from_hf, hf_config_from
 from coom_nemo.tiny import llama_config, randomize
 
 # fp32 on CPU
@@ -37,6 +39,18 @@ def hf_model(seed=0, **shape):
     model = LlamaForCausalLM(llama_config(**shape, attn_implementation="eager")).float()
     randomize(model, seed)
     return model.eval()
+
+
+def hf_to_megatron(hf_state, model, config):
+    hf_mapping.hf_to_megatron(hf_state, model, MAPPINGS, config)
+
+
+def megatron_to_hf(model, config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        wanted = AutoModelForCausalLM.from_config(hf_config_from(config)).state_dict()
+    return hf_mapping.megatron_to_hf(megatron_state(model), shapes(wanted), MAPPINGS, config)
 
 
 def megatron_model(config):
@@ -94,17 +108,18 @@ def test_left_over_tensors_are_refused_in_one_line(model_parallel):
     state = hf.state_dict()
 
     extra = {**state, "model.layers.0.self_attn.q_norm.weight": torch.ones(10)}
-    with pytest.raises(MappingError) as error:
+    with pytest.raises(CheckpointMismatchError) as error:
         hf_to_megatron(extra, model, config)
     assert str(error.value).startswith("model.layers.0.self_attn.q_norm.weight: in the HF "
                                        "checkpoint but used by no tensor")
     missing = {k: v for k, v in state.items() if "post_attention_layernorm" not in k}
-    with pytest.raises(MappingError, match=r"^model\.layers\.0\.post_attention_layernorm\."
-                       r"weight: missing from the HF checkpoint"):
+    with pytest.raises(CheckpointMismatchError, match=(
+            r"^model\.layers\.0\.post_attention_layernorm\.weight: missing from the HF "
+            r"checkpoint")):
         hf_to_megatron(missing, model, config)
     deeper = config_from_hf(llama_config(**SHAPES["gqa2-odd-heads-head_dim"],
                                          num_hidden_layers=1), dtype=torch.float32)
-    with pytest.raises(MappingError) as error:
+    with pytest.raises(CheckpointMismatchError) as error:
         hf_to_megatron(state, megatron_model(deeper), deeper)
     # layer 1's nine tensors: the first named, the rest counted
     assert str(error.value).startswith("model.layers.1.input_layernorm.weight (and 8 more): ")
@@ -116,25 +131,11 @@ def test_transformer_engine_names_convert_both_ways(model_parallel):
     table maps those names (checked here without TE on the host)."""
     hf = hf_model(**SHAPES["gqa4-odd-groups"])
     config = config_from_hf(hf.config, dtype=torch.float32)
-    local = convert(hf.state_dict(), {k: v.shape for k, v in megatron_state(
-        megatron_model(config)).items()}, MAPPINGS, to_hf=False, config=config)
-    te_names = {".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
-                ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}
-
-    def te(name):
-        for old, new in te_names.items():
-            name = name.replace(old, new)
-        return name
-
-    te_state = {te(k): v for k, v in local.items()}
-    assert any(k.endswith("linear_qkv.layer_norm_weight") for k in te_state)
-    again = convert(hf.state_dict(), {k: v.shape for k, v in te_state.items()}, MAPPINGS,
-                    to_hf=False, config=config)
-    assert again.keys() == te_state.keys()
-    assert all(torch.equal(again[k], te_state[k]) for k in te_state)
-    back = convert(te_state, {k: v.shape for k, v in hf.state_dict().items()}, MAPPINGS,
-                   to_hf=True, config=config)
-    assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+    model = megatron_model(config)
+    hf_to_megatron(hf.state_dict(), model, config)
+    te = check_te_names(hf.state_dict(), megatron_state(model), MAPPINGS, config, mla=False,
+                        dense_layers=range(config.num_layers))
+    assert any(k.endswith("linear_qkv.layer_norm_weight") for k in te)
 
 
 def test_configs_without_llama31_rope_are_refused_in_one_line():

@@ -1,88 +1,174 @@
-"""Checkpoint conversion that accounts for every tensor.
+"""Checkpoint conversion between Hugging Face and NeMo, for every
+family: the import and export flows around a family's mapping table
+(:mod:`coom_nemo.models.hf_mapping`), and the host and path checks
+they share.
 
-NeMo 2.7.3's ``io.apply_transforms`` fills what its name patterns
-reach and keeps the rest (nemo/lightning/io/state.py:154-207): a
-checkpoint tensor whose target name the model lacks is dropped with a
-"No matches found" log line, and a weight that no pattern reaches keeps
-its initial value. :func:`convert_checked` runs a conversion with every
-target tensor set to NaN and every source read recorded, then refuses,
-in one line, a source tensor nothing read or a target tensor left
-(partly) unset.
+:class:`TableImporter` and :class:`TableExporter` are mixed in front
+of NeMo 2.7.3's HF connectors of a family (whose checkpoint setup,
+saving, loading and tokenizer handling they keep) and replace their
+conversion: NeMo's ``apply_transforms`` drops what its name patterns
+miss (nemo/lightning/io/state.py:154-207), and transformers'
+``from_pretrained`` drops file tensors its model lacks and initialises
+the ones the files lack. Here the checkpoint's tensors are checked
+against transformers' model of the target config before anything is
+built, and the table's :func:`~coom_nemo.models.hf_mapping.convert`
+accounts for every tensor on both sides.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from functools import cached_property
 from pathlib import Path
 
 import torch
-from nemo.lightning.io.state import _ModelState
+from nemo.lightning import io
+
+from coom_nemo.models.hf_mapping import (
+    TIED,
+    CheckpointMismatchError,
+    first_of,
+    hf_to_megatron,
+    megatron_state,
+    megatron_to_hf,
+    shapes,
+)
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint tensor that the target cannot hold, or a target
-    tensor the checkpoint does not make."""
+def read_safetensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory's ``*.safetensors``."""
+    from safetensors import safe_open
 
-    def __init__(self, tensor: str, problem: str, fix: str):
-        self.tensor = tensor
-        super().__init__(f"{tensor}: {problem}; {fix}")
-
-
-class _ReadRecorder(dict):
-    """A state dict that remembers which keys were read."""
-
-    def __init__(self, tensors):
-        super().__init__(tensors)
-        self.read = set()
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"hf_dir: no *.safetensors in {directory}; give a Hugging "
+                                "Face checkpoint directory")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
 
 
-def first_of(names: list[str]) -> str:
-    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+def check_hf_tensors(tensors: dict[str, torch.Tensor], hf_config) -> None:
+    """Refuse, in one line, a checkpoint tensor that transformers' model
+    of ``hf_config`` lacks, one it has and the checkpoint lacks, or the
+    first (in model order) shaped otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    expected = shapes(model.state_dict())
+    if hf_config.tie_word_embeddings:  # saved once, as the embedding
+        expected.pop(TIED, None)
+        tensors = {k: v for k, v in tensors.items() if k != TIED}
+    fix = "give a complete checkpoint of one architecture and its own config"
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointMismatchError(first_of(unexpected), "in the checkpoint but not in "
+                                      f"transformers' {type(model).__name__} of the config", fix)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise CheckpointMismatchError(first_of(missing), "missing from the checkpoint", fix)
+    for name, want in expected.items():
+        if tuple(tensors[name].shape) != tuple(want):
+            raise CheckpointMismatchError(
+                name, f"shape {tuple(tensors[name].shape)} in the checkpoint, but the config "
+                f"expects {tuple(want)}", "import into a config of the checkpoint's shape (the "
+                "default reads its config.json)")
 
 
-def _module(model):
-    return getattr(model, "module", None) or model
+class TableImporter:
+    """HF directory -> NeMo checkpoint through the family's table.
 
-
-def convert_checked(convert, source: dict[str, torch.Tensor], target, *,
-                    source_name: str = "checkpoint", target_name: str = "model",
-                    source_config=None):
-    """``convert(_ModelState(source, source_config), target)``, refused
-    (before anything is saved) unless it read every tensor of
-    ``source`` and set every floating-point tensor of ``target``'s
-    state dict (``target`` must not share storage with ``source``).
-
-    TransformerEngine's ``_extra_state`` entries are not weights and
-    are left out on both sides.
+    A family sets ``mappings`` (config -> rows), and may widen
+    :meth:`hf_tensors` and :meth:`expected_hf_config`.
     """
-    recorded = _ReadRecorder(source)
-    with torch.no_grad():
-        for tensor in _module(target).state_dict().values():
-            if torch.is_tensor(tensor) and tensor.is_floating_point():
-                tensor.fill_(float("nan"))
-    converted = convert(_ModelState(recorded, source_config), target)
-    # ``recorded`` as the conversion left it (it may rename keys)
-    unread = sorted(name for name in recorded
-                    if name not in recorded.read and not name.endswith("_extra_state"))
-    if unread:
-        raise CheckpointMismatchError(
-            first_of(unread), f"in the {source_name} but converted into no tensor of the "
-            f"{target_name}", f"convert into a {target_name} config of the {source_name}'s "
-            "architecture (a tensor would otherwise be dropped)")
-    unset = [name for name, tensor in _module(target).state_dict().items()
-             if torch.is_tensor(tensor) and tensor.is_floating_point()
-             and torch.isnan(tensor).any()]
-    if unset:
-        raise CheckpointMismatchError(
-            first_of(unset), f"in the {target_name} but made from no tensor of the "
-            f"{source_name}", f"give a {source_name} with every tensor of this architecture "
-            "(it would otherwise keep its initial value)")
-    return converted
+
+    mappings = None
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        return read_safetensors(self)
+
+    def expected_hf_config(self):
+        """What the tensors must fit: the checkpoint's own config."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self))
+
+    def apply(self, output_path: Path) -> Path:
+        from nemo.lightning import teardown
+
+        tensors = self.hf_tensors()
+        check_hf_tensors(tensors, self.expected_hf_config())
+        target = self.init()
+        trainer = self.nemo_setup(target)
+        hf_to_megatron(tensors, target, self.mappings(self.config), self.config)
+        self.nemo_save(output_path, trainer)
+        teardown(trainer, target)
+        return output_path
+
+
+class TableExporter:
+    """NeMo checkpoint -> transformers model (and the tokenizer when it
+    is a HF one) through the family's table: ``mappings`` (config ->
+    rows) and ``hf_config_of`` (NeMo config -> transformers' config,
+    refusing what the HF form cannot hold, before the weights load)."""
+
+    mappings = hf_config_of = None
+
+    def exported(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The megatron-core tensors that have a HF form (all)."""
+        return state
+
+    def apply(self, output_path: Path) -> Path:
+        from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_utils import no_init_weights
+
+        hf_config = self.config
+        source, _ = self.nemo_load(str(self))
+        state = megatron_state(source)
+        if any(".adapter." in name for name in state):
+            raise ValueError("checkpoint: a LoRA run's checkpoint holds its adapters, not "
+                             "the model; export them with export_lora (PEFT format)")
+        with no_init_weights():
+            target = AutoModelForCausalLM.from_config(
+                hf_config, dtype=torch_dtype_from_mcore_config(source.config))
+        tensors = megatron_to_hf(self.exported(state), shapes(target.state_dict()),
+                                 self.mappings(self.nemo_config), self.nemo_config)
+        # copies, in the HF model's dtype; a tied lm_head is the
+        # embedding
+        target.load_state_dict(tensors, strict=not hf_config.tie_word_embeddings)
+        target.save_pretrained(output_path)
+        save_hf_tokenizer(self.tokenizer, output_path)
+        return output_path
+
+    @cached_property
+    def nemo_config(self):
+        return io.load_context(str(self), subpath="model.config")
+
+    @cached_property
+    def tokenizer(self):
+        return io.load_context(str(self), subpath="model.tokenizer")
+
+    @cached_property
+    def config(self):
+        return self.hf_config_of(self.nemo_config)
+
+
+class _Loader(io.ModelConnector):
+    """Only for ``nemo_load``."""
+
+
+@contextlib.contextmanager
+def loaded(checkpoint):
+    """The model of a NeMo checkpoint of any family (LoRA adapters in),
+    built on this host, for inspection or export here."""
+    with on_this_host():
+        model, _ = _Loader(str(checkpoint)).nemo_load(str(checkpoint))
+        yield model
 
 
 @contextlib.contextmanager

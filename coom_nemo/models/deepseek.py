@@ -3,7 +3,6 @@ Hugging Face importer and exporter."""
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 import math
@@ -22,18 +21,25 @@ from nemo.collections.llm.gpt.model.deepseek import (
     HFDeepSeekExporter,
     HFDeepSeekImporter,
 )
-from nemo.lightning import io, teardown
-from nemo.lightning.io.state import TransformFns
+from nemo.lightning import io
 
 from coom_nemo.models.base import CoomConfig
 from coom_nemo.models.conversion import (
-    CheckpointMismatchError,
-    convert_checked,
-    first_of,
+    TableExporter,
+    TableImporter,
     nemo_checkpoint,
     new_output,
     on_this_host,
-    save_hf_tokenizer,
+    read_safetensors,
+)
+from coom_nemo.models.hf_mapping import (
+    COMMON,
+    FUSED_MLP_NORM,
+    HF_LAYER,
+    LAYER,
+    Mapping,
+    direct,
+    gated_mlp,
 )
 from coom_nemo.models.specs import layer_spec
 
@@ -180,126 +186,6 @@ def deepseek_model(size: str = "16b", **overrides) -> run.Config[CoomDeepSeekMod
     return run.Config(CoomDeepSeekModel, config=deepseek_config(size, **overrides))
 
 
-@io.model_importer(CoomDeepSeekModel, ext="hf")
-class HFCoomDeepSeekImporter(HFDeepSeekImporter):
-    """Import a DeepSeek-V3 checkpoint in HF format (``config.json`` +
-    safetensors, as transformers' ``DeepseekV3ForCausalLM`` saves it).
-
-    NeMo's importer reads fields only DeepSeek's remote code defines
-    (``scoring_func``), keeps V3's YaRN defaults whatever the checkpoint
-    says, and maps routed experts to TE's grouped layout only. This one
-    reads transformers' config, RoPE and group routing included, builds
-    our config, and also maps megatron-core's local experts (hosts
-    without TE). Every tensor is accounted for
-    (:func:`~coom_nemo.models.conversion.convert_checked`). MTP weights
-    are not imported (transformers' model holds none).
-    """
-
-    def apply(self, output_path: Path) -> Path:
-        from transformers import AutoModelForCausalLM
-
-        self.trust_remote_code = None
-        self._verify_source()
-        # transformers drops file tensors its model does not hold and
-        # initialises the ones the files lack; refuse both instead
-        source, loading = AutoModelForCausalLM.from_pretrained(
-            str(self), dtype="auto", output_loading_info=True)
-        for kind, problem in (("unexpected_keys", "in the checkpoint but not in transformers' "
-                               "DeepseekV3 of its config.json"),
-                              ("missing_keys", "missing from the checkpoint"),
-                              ("mismatched_keys", "shaped unlike its config.json says")):
-            names = sorted(str(name) for name in loading[kind])
-            if names:
-                raise CheckpointMismatchError(first_of(names), problem,
-                                              "give a complete checkpoint of one architecture")
-        target = self.init()
-        trainer = self.nemo_setup(target)
-        self.convert_state(source, target)
-        self.nemo_save(output_path, trainer)
-        teardown(trainer, target)
-        return output_path
-
-    def init(self) -> CoomDeepSeekModel:
-        return CoomDeepSeekModel(self.config, tokenizer=self.tokenizer)
-
-    @cached_property
-    def config(self) -> CoomDeepSeekConfig:
-        from transformers import AutoConfig
-
-        return CoomDeepSeekConfig(**config_from_hf(AutoConfig.from_pretrained(str(self))))
-
-    def convert_state(self, source, target):
-        return convert_checked(self._convert, dict(source.state_dict()), target)
-
-    def _convert(self, source, target):
-        if not _local_experts(target):
-            return super().convert_state(source, target)  # TE grouped experts
-        # map what the checkpoint holds (no q_proj where q is low-rank)
-        keys = list(source.state_dict())
-        mapping = {hf: mcore for hf, mcore in _LOCAL_SPEC_MAPPING.items()
-                   if fnmatch.filter(keys, hf)}
-        merges = [t for t in _LOCAL_SPEC_MERGES if fnmatch.filter(keys, t.source_key[0])]
-        return io.apply_transforms(source, target, mapping=mapping, transforms=merges)
-
-
-@io.model_exporter(CoomDeepSeekModel, "hf")
-class HFCoomDeepSeekExporter(HFDeepSeekExporter):
-    """:class:`CoomDeepSeekModel` checkpoint -> transformers'
-    ``DeepseekV3ForCausalLM`` (plus its tokenizer when it is a HF one).
-
-    NeMo's exporter builds the HF model from a hub checkpoint's remote
-    code; this one builds it from the config here. MTP layers have no
-    form in transformers' model: they are left out (logged), and the
-    exported model computes the same logits. Every other tensor is
-    accounted for (``conversion.convert_checked``).
-    """
-
-    def apply(self, output_path: Path) -> Path:
-        from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
-        from transformers import AutoModelForCausalLM
-        from transformers.modeling_utils import no_init_weights
-
-        source, _ = self.nemo_load(str(self))
-        with no_init_weights():
-            target = AutoModelForCausalLM.from_config(
-                self.config, dtype=torch_dtype_from_mcore_config(source.config))
-        state = {name: tensor for name, tensor in source.module.state_dict().items()
-                 if not name.startswith("mtp.")}
-        dropped = len(source.module.state_dict()) - len(state)
-        if dropped:
-            log.warning("%d MTP tensors left out: transformers' DeepseekV3 has no MTP layer",
-                        dropped)
-        convert_checked(self._convert, state, target, source_name="NeMo checkpoint",
-                        target_name="HF model")
-        target.cpu().save_pretrained(output_path)
-        save_hf_tokenizer(self.tokenizer, output_path)
-        return output_path
-
-    def _convert(self, source, target):
-        keys = list(source.state_dict())
-        if not any(".local_experts." in key for key in keys):  # TE grouped experts
-            return super().convert_state(dict(source.state_dict()), target,
-                                         dict(vars(self.nemo_config)))
-        mapping = {mcore: hf for hf, mcore in _LOCAL_SPEC_MAPPING.items()
-                   if fnmatch.filter(keys, mcore)}
-        splits = [io.state_transform(source_key=t.target_key, target_key=t.source_key,
-                                     fn=TransformFns.split_fc1)
-                  for t in _LOCAL_SPEC_MERGES if fnmatch.filter(keys, t.target_key)]
-        return io.apply_transforms(source, target, mapping=mapping, transforms=splits)
-
-    @cached_property
-    def nemo_config(self) -> CoomDeepSeekConfig:
-        return io.load_context(str(self), subpath="model.config")
-
-    @cached_property
-    def config(self):
-        return hf_config_from(self.nemo_config)
-
-
-def _local_experts(model) -> bool:
-    return hasattr(model.module.decoder.layers[-1].mlp.experts, "local_experts")
-
-
 # transformers' DeepseekV3Config fields our import cannot map, with the
 # value it maps: anything else is refused in one line
 _FIXED_HF_FIELDS = {
@@ -443,33 +329,92 @@ def export_to_hf(checkpoint, output_path) -> Path:
         return llm.export_ckpt(source, "hf", output_path=output)
 
 
-# HF DeepSeek-V3 names -> megatron-core local-spec names (norms are
-# separate modules there, routed experts are SequentialMLP's
-# local_experts).
-_LOCAL_SPEC_MAPPING = {
-    "model.embed_tokens.weight": "embedding.word_embeddings.weight",
-    "model.norm.weight": "decoder.final_layernorm.weight",
-    "lm_head.weight": "output_layer.weight",
-    "**.input_layernorm.weight": "**.input_layernorm.weight",
-    "**.post_attention_layernorm.weight": "**.pre_mlp_layernorm.weight",
-    "**.self_attn.q_proj.weight": "**.self_attention.linear_q_proj.weight",
-    "**.self_attn.q_a_proj.weight": "**.self_attention.linear_q_down_proj.weight",
-    "**.self_attn.q_a_layernorm.weight": "**.self_attention.q_layernorm.weight",
-    "**.self_attn.q_b_proj.weight": "**.self_attention.linear_q_up_proj.weight",
-    "**.self_attn.kv_a_proj_with_mqa.weight": "**.self_attention.linear_kv_down_proj.weight",
-    "**.self_attn.kv_a_layernorm.weight": "**.self_attention.kv_layernorm.weight",
-    "**.self_attn.kv_b_proj.weight": "**.self_attention.linear_kv_up_proj.weight",
-    "**.self_attn.o_proj.weight": "**.self_attention.linear_proj.weight",
-    "**.mlp.down_proj.weight": "**.mlp.linear_fc2.weight",
-    "**.mlp.gate.weight": "**.mlp.router.weight",
-    "**.mlp.gate.e_score_correction_bias": "**.mlp.router.expert_bias",
-    "**.mlp.experts.*.down_proj.weight": "**.mlp.experts.local_experts.*.linear_fc2.weight",
-    "**.mlp.shared_experts.down_proj.weight": "**.mlp.shared_experts.linear_fc2.weight",
-}
-
-_LOCAL_SPEC_MERGES = [
-    io.state_transform(source_key=(f"**.{hf}gate_proj.weight", f"**.{hf}up_proj.weight"),
-                       target_key=f"**.{mcore}linear_fc1.weight", fn=TransformFns.merge_fc1)
-    for hf, mcore in (("mlp.", "mlp."), ("mlp.experts.*.", "mlp.experts.local_experts.*."),
-                      ("mlp.shared_experts.", "mlp.shared_experts."))
+# HF DeepSeek-V3 <-> megatron-core, TE and local specs. TE fuses q/kv's
+# norms into linear_q/kv_up_proj and a dense layer's MLP norm into its
+# linear_fc1 (an MoE layer keeps pre_mlp_layernorm; MLA keeps
+# input_layernorm in both specs: gpt_layer_specs.py
+# get_gpt_layer_with_transformer_engine_spec), and groups the routed
+# experts (linear_fc1.weight<e>); the local spec keeps every norm a
+# module and the experts SequentialMLP's local_experts.
+MAPPINGS = COMMON + [
+    FUSED_MLP_NORM,
+    *(direct(LAYER + f"self_attention.{megatron}.weight", f"{HF_LAYER}self_attn.{hf}.weight")
+      for megatron, hf in (("linear_q_proj", "q_proj"), ("linear_q_down_proj", "q_a_proj"),
+                           ("linear_q_up_proj", "q_b_proj"),
+                           ("linear_kv_down_proj", "kv_a_proj_with_mqa"),
+                           ("linear_kv_up_proj", "kv_b_proj"), ("linear_proj", "o_proj"))),
+    *(direct(LAYER + f"self_attention.{megatron}", f"{HF_LAYER}self_attn.{hf}_layernorm.weight")
+      for kind, hf in (("q", "q_a"), ("kv", "kv_a"))
+      for megatron in (f"{kind}_layernorm.weight", f"linear_{kind}_up_proj.layer_norm_weight")),
+    direct(LAYER + "mlp.router.weight", HF_LAYER + "mlp.gate.weight"),
+    direct(LAYER + "mlp.router.expert_bias", HF_LAYER + "mlp.gate.e_score_correction_bias"),
+    *gated_mlp(LAYER + "mlp.", HF_LAYER + "mlp."),
+    *gated_mlp(LAYER + "mlp.shared_experts.", HF_LAYER + "mlp.shared_experts."),
+    *gated_mlp(LAYER + "mlp.experts.local_experts.*.", HF_LAYER + "mlp.experts.*."),
+    *gated_mlp(LAYER + "mlp.experts.", HF_LAYER + "mlp.experts.*.", expert="*"),
 ]
+
+
+def mappings(config) -> list[Mapping]:
+    return MAPPINGS
+
+
+def _without_mtp(tensors: dict, prefixes: tuple[str, ...]) -> dict:
+    kept = {name: t for name, t in tensors.items() if not name.startswith(prefixes)}
+    if len(kept) < len(tensors):
+        log.warning("%d MTP tensors left out: transformers' DeepseekV3 has no MTP layer",
+                    len(tensors) - len(kept))
+    return kept
+
+
+@io.model_importer(CoomDeepSeekModel, ext="hf")
+class HFCoomDeepSeekImporter(TableImporter, HFDeepSeekImporter):
+    """Import a DeepSeek-V3 checkpoint in HF format (``config.json`` +
+    safetensors, as transformers' ``DeepseekV3ForCausalLM`` saves it).
+
+    NeMo's importer reads fields only DeepSeek's remote code defines
+    (``scoring_func``), keeps V3's YaRN defaults whatever the checkpoint
+    says, and maps routed experts to TE's grouped layout only. This one
+    reads transformers' config, RoPE and group routing included, builds
+    our config, and converts through :func:`mappings` (TE and local
+    names). MTP layers (``model.layers.<n>`` from
+    ``num_hidden_layers`` on, ``num_nextn_predict_layers`` of them) are
+    left out: transformers' model holds none.
+    """
+
+    mappings = staticmethod(mappings)
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(str(self))
+        mtp = {f"model.layers.{hf.num_hidden_layers + k}."
+               for k in range(getattr(hf, "num_nextn_predict_layers", 0) or 0)}
+        return _without_mtp(read_safetensors(self), tuple(mtp))
+
+    def init(self) -> CoomDeepSeekModel:
+        return CoomDeepSeekModel(self.config, tokenizer=self.tokenizer)
+
+    @cached_property
+    def config(self) -> CoomDeepSeekConfig:
+        from transformers import AutoConfig
+
+        return CoomDeepSeekConfig(**config_from_hf(AutoConfig.from_pretrained(str(self))))
+
+
+@io.model_exporter(CoomDeepSeekModel, "hf")
+class HFCoomDeepSeekExporter(TableExporter, HFDeepSeekExporter):
+    """:class:`CoomDeepSeekModel` checkpoint -> transformers'
+    ``DeepseekV3ForCausalLM`` (plus its tokenizer when it is a HF one).
+
+    NeMo's exporter builds the HF model from a hub checkpoint's remote
+    code; this one builds it from the config here. MTP layers have no
+    form in transformers' model: they are left out (logged), and the
+    exported model computes the same logits.
+    """
+
+    mappings = staticmethod(mappings)
+    hf_config_of = staticmethod(hf_config_from)
+
+    def exported(self, state):
+        return _without_mtp(state, ("mtp.",))

@@ -8,13 +8,13 @@ NeMo's ``nemo llm import`` / ``nemo llm export`` reach the same
 connectors.
 
 They extend NeMo 2.7.3's GPT-OSS connectors
-(nemo/collections/llm/gpt/model/gpt_oss.py), which load, save and
-rename through ``io.apply_transforms``, where those assume too much:
-the config (only layers and experts are read, the rest is the 20B),
-TransformerEngine parameter names, experts in MXFP4's ``[out, in]``
-layout, bf16 storage. Before any weight is built, every tensor of the
-checkpoint is checked against the shapes the target config implies,
-and the first that differs is named.
+(nemo/collections/llm/gpt/model/gpt_oss.py), which assume too much
+(the config: only layers and experts are read, the rest is the 20B;
+TransformerEngine parameter names; experts in MXFP4's ``[out, in]``
+layout; bf16 storage), and convert through one table (:func:`mappings`,
+TE and local names, :mod:`coom_nemo.models.conversion`): before any
+weight is built, every tensor of the checkpoint is checked against the
+shapes the target config implies, and the first that differs is named.
 
 Into the gated variant (``attention_gate``) the gate starts at
 ``W_g = 0``, so every head's output is scaled by ``sigmoid(0) = 1/2``,
@@ -24,7 +24,6 @@ the same function as the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -33,25 +32,33 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from nemo.collections.llm.gpt.model.base import torch_dtype_from_mcore_config
 from nemo.collections.llm.gpt.model.gpt_oss import (
     HFGPTOSSExporter,
     HFGPTOSSImporter,
     _interleave,
     _uninterleave,
 )
-from nemo.lightning import io, teardown
-from nemo.lightning.io.state import TransformFns, _ModelState
+from nemo.lightning import io
 
 from coom_nemo.models.conversion import (
-    CheckpointMismatchError,
-    convert_checked,
+    TableExporter,
+    TableImporter,
     nemo_checkpoint,
     new_output,
     on_this_host,
-    save_hf_tokenizer,
+    read_safetensors,
 )
 from coom_nemo.models.gpt_oss import CoomGptOssConfig, CoomGptOssModel
+from coom_nemo.models.hf_mapping import (
+    COMMON,
+    HF_LAYER,
+    LAYER,
+    O_PROJ,
+    Mapping,
+    Stacked,
+    direct,
+    gqa_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,61 +143,63 @@ def hf_config_from(cfg):
     )
 
 
-def check_shapes(tensors: dict[str, torch.Tensor], hf_config) -> None:
-    """Raise :class:`CheckpointMismatchError` for the first tensor (in
-    model order) that is missing or shaped unlike ``hf_config`` says."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        expected = AutoModelForCausalLM.from_config(hf_config).state_dict()
-    tied = "lm_head.weight" if hf_config.tie_word_embeddings else None
-    fix = "import into a config of the checkpoint's size (the default reads its config.json)"
-    for name, want in expected.items():
-        if name == tied:
-            continue
-        if name not in tensors:
-            raise CheckpointMismatchError(name, "missing from the checkpoint", fix)
-        got = tuple(tensors[name].shape)
-        if got != tuple(want.shape):
-            raise CheckpointMismatchError(
-                name, f"shape {got} in the checkpoint, but the config expects "
-                f"{tuple(want.shape)}", fix)
+_EXPERTS = HF_LAYER + "mlp.experts."
 
 
-def _spec_names(model) -> tuple[str, str]:
-    """(input norm, expert pattern) as this model's layer spec names
-    them: TransformerEngine fuses the norm into ``linear_qkv`` and
-    groups the experts; the local spec keeps both apart."""
-    keys = list(model.state_dict())
-    te_norm = any(k.endswith("linear_qkv.layer_norm_weight") for k in keys)
-    grouped = any(".mlp.experts.linear_fc1.weight" in k for k in keys)
-    norm = "**.self_attention.linear_qkv.layer_norm_weight" if te_norm else (
-        "**.input_layernorm.weight")
-    experts = "**.mlp.experts.{}*" if grouped else "**.mlp.experts.local_experts.*.{}"
-    return norm, experts
+@dataclasses.dataclass(frozen=True)
+class _OpenGate(Mapping):
+    """Into the gated variant: gate weight 0 scales every head by
+    sigmoid(0) = 1/2, and the doubled output projection undoes it
+    (import only: a gated model has no HF form)."""
+
+    splits_rows = False
+
+    def to_megatron(self, hf, config):
+        o_proj, = hf
+        return [2 * o_proj, o_proj.new_zeros(o_proj.shape[::-1])]
+
+    def to_hf(self, megatron, config):
+        raise ValueError("attention_gate: a gated model has no HF form")
 
 
-# HF name -> NeMo name, the same in both directions.
-_RENAMES = {
-    "model.embed_tokens.weight": "embedding.word_embeddings.weight",
-    "model.norm.weight": "decoder.final_layernorm.weight",
-    "lm_head.weight": "output_layer.weight",
-    "**.self_attn.o_proj.bias": "**.self_attention.linear_proj.bias",
-    "**.self_attn.sinks": "**.self_attention.core_attention.softmax_offset",
-    "**.post_attention_layernorm.weight": "**.pre_mlp_layernorm.weight",
-    "**.mlp.router.bias": "**.mlp.router.bias",
-    "**.mlp.router.weight": "**.mlp.router.weight",
-}
+def _experts(megatron: str) -> list[Mapping]:
+    """transformers keeps a layer's experts stacked as ``[in, out]``,
+    gate/up interleaved; megatron-core one ``[out, in]`` tensor each,
+    gate then up."""
+    return [
+        Stacked(megatron.format("linear_fc1.weight"), _EXPERTS + "gate_up_proj",
+                lambda w: _interleave(w.T), lambda w: _uninterleave(w).T),
+        Stacked(megatron.format("linear_fc1.bias"), _EXPERTS + "gate_up_proj_bias",
+                _interleave, _uninterleave),
+        Stacked(megatron.format("linear_fc2.weight"), _EXPERTS + "down_proj",
+                lambda w: w.T, lambda w: w.T),
+        Stacked(megatron.format("linear_fc2.bias"), _EXPERTS + "down_proj_bias"),
+    ]
 
 
-def _open_gate(o_proj):
-    """Gate weight 0 scales every head by sigmoid(0) = 1/2; the doubled
-    output projection undoes it."""
-    return 2 * o_proj, o_proj.new_zeros(o_proj.shape[::-1])
+# (the gated TE spec unfuses the input norm from linear_qkv: a module
+# of its own, as in the local spec, a COMMON row)
+_MAPPINGS = COMMON + gqa_attention(("weight", "bias")) + [
+    direct(LAYER + "self_attention.linear_proj.bias", HF_LAYER + "self_attn.o_proj.bias"),
+    direct(LAYER + "self_attention.core_attention.softmax_offset", HF_LAYER + "self_attn.sinks"),
+    direct(LAYER + "mlp.router.weight", HF_LAYER + "mlp.router.weight"),
+    direct(LAYER + "mlp.router.bias", HF_LAYER + "mlp.router.bias"),
+    # local spec: SequentialMLP's experts; TE: grouped, weight<e>
+    *_experts(LAYER + "mlp.experts.local_experts.*.{}"),
+    *_experts(LAYER + "mlp.experts.{}*"),
+]
+
+
+def mappings(config) -> list[Mapping]:
+    """GPT-OSS's HF <-> megatron-core table (both layer specs)."""
+    if config.attention_gate:
+        return _MAPPINGS + [_OpenGate((LAYER + "self_attention.linear_proj.weight",
+                                       LAYER + "self_attention.linear_gate.weight"), O_PROJ.hf)]
+    return _MAPPINGS + [O_PROJ]
 
 
 @io.model_importer(CoomGptOssModel, "hf")
-class HFGptOssImporter(HFGPTOSSImporter):
+class HFGptOssImporter(TableImporter, HFGPTOSSImporter):
     """HF GPT-OSS -> :class:`CoomGptOssModel` of any size, gated or not.
 
     ``target_config`` (set by ``CoomGptOssModel.importer``) is the
@@ -200,21 +209,20 @@ class HFGptOssImporter(HFGPTOSSImporter):
 
     target_config: CoomGptOssConfig | None = None
     tokenizer_assets: str | None = None  # where apply saves the tokenizer
+    mappings = staticmethod(mappings)
 
     def apply(self, output_path: Path) -> Path:
-        tensors = self.hf_tensors()
-        check_shapes(tensors, hf_config_from(self.config))
         with tempfile.TemporaryDirectory() as assets:
             self.tokenizer_assets = assets
-            target = self.init()
-            trainer = self.nemo_setup(target)
-            self.convert_state(_ModelState(tensors), target)
-            self.nemo_save(output_path, trainer)
-        teardown(trainer, target)
-        return output_path
+            return super().apply(output_path)
 
     def init(self) -> CoomGptOssModel:
         return CoomGptOssModel(self.config, tokenizer=self.tokenizer)
+
+    def expected_hf_config(self):
+        """The config imported into (``target_config`` may differ from
+        the checkpoint's)."""
+        return hf_config_from(self.config)
 
     def hf_tensors(self) -> dict[str, torch.Tensor]:
         """All tensors of the directory in transformers' layout.
@@ -224,15 +232,7 @@ class HFGptOssImporter(HFGPTOSSImporter):
         ``[experts, out, in]`` into transformers'
         ``[experts, in, out]``.
         """
-        from safetensors import safe_open
-
-        files = sorted(Path(self).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"source: no *.safetensors in {self}")
-        tensors = {}
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        tensors = read_safetensors(self)
         for key in [k for k in tensors if k.endswith("_blocks")]:
             name = key.removesuffix("_blocks")
             exponents = tensors.pop(f"{name}_scales").to(torch.int32) - 127
@@ -268,104 +268,20 @@ class HFGptOssImporter(HFGPTOSSImporter):
         HFAutoTokenizer.from_pretrained(str(self)).save_pretrained(self.tokenizer_assets)
         return AutoTokenizer(self.tokenizer_assets)
 
-    def convert_state(self, source, target):
-        return convert_checked(self._convert, dict(source.state_dict()), target)
-
-    def _convert(self, source, target):
-        norm, experts = _spec_names(target)
-        mapping = {**_RENAMES, "**.input_layernorm.weight": norm}
-        transforms = [
-            io.state_transform(("**.self_attn.q_proj.weight", "**.self_attn.k_proj.weight",
-                                "**.self_attn.v_proj.weight"),
-                               "**.self_attention.linear_qkv.weight", TransformFns.merge_qkv),
-            io.state_transform(("**.self_attn.q_proj.bias", "**.self_attn.k_proj.bias",
-                                "**.self_attn.v_proj.bias"),
-                               "**.self_attention.linear_qkv.bias", TransformFns.merge_qkv_bias),
-            # transformers keeps experts as [in, out] and gate/up
-            # interleaved; megatron-core wants [out, in], gate then up
-            io.state_transform("**.mlp.experts.gate_up_proj", experts.format("linear_fc1.weight"),
-                               lambda w: [_interleave(e.T) for e in w]),
-            io.state_transform("**.mlp.experts.gate_up_proj_bias",
-                               experts.format("linear_fc1.bias"),
-                               lambda b: [_interleave(e) for e in b]),
-            io.state_transform("**.mlp.experts.down_proj", experts.format("linear_fc2.weight"),
-                               lambda w: [e.T.contiguous() for e in w]),
-            io.state_transform("**.mlp.experts.down_proj_bias", experts.format("linear_fc2.bias"),
-                               lambda b: list(b)),
-        ]
-        if self.config.attention_gate:
-            transforms.append(io.state_transform(
-                "**.self_attn.o_proj.weight",
-                ("**.self_attention.linear_proj.weight", "**.self_attention.linear_gate.weight"),
-                _open_gate))
-        else:
-            mapping["**.self_attn.o_proj.weight"] = "**.self_attention.linear_proj.weight"
-        return io.apply_transforms(source, target, mapping=mapping, transforms=transforms,
-                                   cast_dtype=self.config.params_dtype)
-
 
 @io.model_exporter(CoomGptOssModel, "hf")
-class HFGptOssExporter(HFGPTOSSExporter):
+class HFGptOssExporter(TableExporter, HFGPTOSSExporter):
     """:class:`CoomGptOssModel` checkpoint -> transformers
     ``GptOssForCausalLM`` (plus its tokenizer when it is a HF one)."""
 
-    def apply(self, output_path: Path) -> Path:
-        if self.nemo_config.attention_gate:
-            raise ValueError("attention_gate: transformers' GptOss has no attention gate, so a "
-                             "gated model cannot be exported; export a model trained without it")
-        source, _ = self.nemo_load(str(self))
-        target = self.init(torch_dtype_from_mcore_config(source.config))
-        target = self.convert_state(source, target)
-        target.cpu().save_pretrained(output_path)
-        save_hf_tokenizer(self.tokenizer, output_path)
-        return output_path
-
-    def init(self, dtype=torch.bfloat16):
-        from transformers import AutoModelForCausalLM
-        from transformers.modeling_utils import no_init_weights
-
-        with no_init_weights():
-            return AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-
-    @cached_property
-    def nemo_config(self) -> CoomGptOssConfig:
-        return io.load_context(str(self), subpath="model.config")
+    mappings = staticmethod(mappings)
 
     @cached_property
     def config(self):
+        if self.nemo_config.attention_gate:
+            raise ValueError("attention_gate: transformers' GptOss has no attention gate, so a "
+                             "gated model cannot be exported; export a model trained without it")
         return hf_config_from(self.nemo_config)
-
-    def convert_state(self, source, target):
-        return convert_checked(self._convert, source.module.state_dict(), target,
-                               source_name="NeMo checkpoint", target_name="HF model",
-                               source_config=source.config)  # split_qkv reads it
-
-    def _convert(self, source, target):
-        norm, experts = _spec_names(source)
-        mapping = {nemo: hf for hf, nemo in _RENAMES.items()}
-        mapping[norm] = "**.input_layernorm.weight"
-        mapping["**.self_attention.linear_proj.weight"] = "**.self_attn.o_proj.weight"
-
-        def stacked(per_expert):
-            return lambda *tensors: torch.stack([per_expert(t) for t in tensors])
-
-        transforms = [
-            io.state_transform("**.self_attention.linear_qkv.weight",
-                               ("**.self_attn.q_proj.weight", "**.self_attn.k_proj.weight",
-                                "**.self_attn.v_proj.weight"), TransformFns.split_qkv),
-            io.state_transform("**.self_attention.linear_qkv.bias",
-                               ("**.self_attn.q_proj.bias", "**.self_attn.k_proj.bias",
-                                "**.self_attn.v_proj.bias"), TransformFns.split_qkv_bias),
-            io.state_transform(experts.format("linear_fc1.weight"), "**.mlp.experts.gate_up_proj",
-                               stacked(lambda w: _uninterleave(w).T)),
-            io.state_transform(experts.format("linear_fc1.bias"),
-                               "**.mlp.experts.gate_up_proj_bias", stacked(_uninterleave)),
-            io.state_transform(experts.format("linear_fc2.weight"), "**.mlp.experts.down_proj",
-                               stacked(lambda w: w.T)),
-            io.state_transform(experts.format("linear_fc2.bias"),
-                               "**.mlp.experts.down_proj_bias", stacked(lambda b: b)),
-        ]
-        return io.apply_transforms(source, target, mapping=mapping, transforms=transforms)
 
 
 def import_from_hf(hf_dir, output_path, *, attention_gate: bool = False,
@@ -402,11 +318,3 @@ def export_to_hf(checkpoint, output_path) -> Path:
     output = new_output(output_path)
     with on_this_host():
         return llm.export_ckpt(source, "hf", output_path=output)
-
-
-@contextlib.contextmanager
-def loaded(checkpoint):
-    """The model of a NeMo GPT-OSS checkpoint, for inspection here."""
-    with on_this_host():
-        model, trainer = HFGptOssExporter(str(checkpoint)).nemo_load(str(checkpoint))
-        yield model

@@ -5,7 +5,7 @@ into a NeMo checkpoint of a :class:`CoomLlama31Config` model;
 :func:`export_to_hf` writes one back. Both read :data:`MAPPINGS`, one
 table of HF <-> megatron-core names for the TransformerEngine and the
 local layer spec alike, and check by name and count that every tensor
-was converted (:func:`coom_nemo.models.hf_mapping.convert`).
+was converted (:mod:`coom_nemo.models.conversion`).
 
 NeMo 2.7.3's own importer (nemo/collections/llm/gpt/model/llama.py,
 ``HFLlamaImporter.convert_state``) names the per-layer RMSNorm weights
@@ -15,54 +15,38 @@ without TE they stayed at 1.0, with one "No matches found" warning.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, HFLlamaImporter
-from nemo.lightning import io, teardown
 
 from coom_nemo.models.conversion import (
+    TableExporter,
+    TableImporter,
     nemo_checkpoint,
     new_output,
     on_this_host,
-    save_hf_tokenizer,
 )
 from coom_nemo.models.hf_mapping import (
-    QKV,
-    GatedMLP,
-    MappingError,
-    convert,
-    direct,
-    megatron_state,
+    COMMON,
+    FUSED_MLP_NORM,
+    HF_LAYER,
+    LAYER,
+    O_PROJ,
+    gated_mlp,
+    gqa_attention,
 )
 from coom_nemo.models.llama import CoomLlama31Config
 
-log = logging.getLogger(__name__)
+# the TE spec fuses each norm into the linear after it
+MAPPINGS = COMMON + gqa_attention() + [
+    FUSED_MLP_NORM, O_PROJ, *gated_mlp(LAYER + "mlp.", HF_LAYER + "mlp.")]
 
-_LAYER, _HF = "decoder.layers.*.", "model.layers.*."
-MAPPINGS = [
-    direct("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-    direct("output_layer.weight", "lm_head.weight"),
-    direct("decoder.final_layernorm.weight", "model.norm.weight"),
-    # local spec: norms are modules of their own
-    direct(_LAYER + "input_layernorm.weight", _HF + "input_layernorm.weight"),
-    direct(_LAYER + "pre_mlp_layernorm.weight", _HF + "post_attention_layernorm.weight"),
-    # TE spec: each norm is fused into the linear after it
-    direct(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
-           _HF + "input_layernorm.weight"),
-    direct(_LAYER + "mlp.linear_fc1.layer_norm_weight", _HF + "post_attention_layernorm.weight"),
-    QKV(_LAYER + "self_attention.linear_qkv.weight",
-        tuple(_HF + f"self_attn.{p}_proj.weight" for p in "qkv")),
-    direct(_LAYER + "self_attention.linear_proj.weight", _HF + "self_attn.o_proj.weight"),
-    GatedMLP(_LAYER + "mlp.linear_fc1.weight",
-             (_HF + "mlp.gate_proj.weight", _HF + "mlp.up_proj.weight")),
-    direct(_LAYER + "mlp.linear_fc2.weight", _HF + "mlp.down_proj.weight"),
-]
-_TIED = "lm_head.weight"
+
+def mappings(config) -> list:
+    return MAPPINGS
 
 
 def config_from_hf(hf, dtype: torch.dtype | None = None) -> CoomLlama31Config:
@@ -120,63 +104,13 @@ def hf_config_from(cfg, tokenizer=None):
         dtype=cfg.params_dtype, **special)
 
 
-def hf_to_megatron(hf: dict[str, torch.Tensor], model, config) -> None:
-    """Fill every parameter of ``model`` (megatron-core, any spec)
-    from HF Llama tensors; refuse in one line if one is left on either
-    side."""
-    if config.share_embeddings_and_output_weights and _TIED in hf:
-        if not torch.equal(hf[_TIED], hf["model.embed_tokens.weight"]):
-            raise MappingError(f"{_TIED}: differs from model.embed_tokens.weight, but "
-                               "tie_word_embeddings is true; fix the checkpoint's config")
-        hf = {k: v for k, v in hf.items() if k != _TIED}
-    state = megatron_state(model)
-    made = convert(hf, {k: v.shape for k, v in state.items()}, MAPPINGS, to_hf=False,
-                   config=config, what="HF checkpoint")
-    with torch.no_grad():
-        for name, value in made.items():
-            state[name].copy_(value)
-
-
-def megatron_to_hf(model, config) -> dict[str, torch.Tensor]:
-    """HF Llama tensors of every parameter of ``model``."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        wanted = AutoModelForCausalLM.from_config(hf_config_from(config)).state_dict()
-    if config.share_embeddings_and_output_weights:
-        wanted.pop(_TIED)
-    return convert(megatron_state(model), {k: v.shape for k, v in wanted.items()}, MAPPINGS,
-                   to_hf=True, config=config, what="NeMo checkpoint")
-
-
-def read_safetensors(directory) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"hf_dir: no *.safetensors in {directory}; give a Hugging "
-                                "Face checkpoint directory")
-    tensors = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
-
-
-class HFLlama31Importer(HFLlamaImporter):
+class HFLlama31Importer(TableImporter, HFLlamaImporter):
     """HF Llama 3.1 -> NeMo checkpoint of a :class:`CoomLlama31Config`
     model, whose config turns off fusions this host lacks (NeMo's own
     builds ``Llama31Config`` with TE's RoPE fusion on, refused without
     TE), converted through :data:`MAPPINGS`."""
 
-    def apply(self, output_path: Path) -> Path:
-        tensors = read_safetensors(self)
-        target = self.init()
-        trainer = self.nemo_setup(target)
-        hf_to_megatron(tensors, target, self.config)
-        self.nemo_save(output_path, trainer)
-        teardown(trainer, target)
-        return output_path
+    mappings = staticmethod(mappings)
 
     @cached_property
     def config(self) -> CoomLlama31Config:
@@ -185,33 +119,12 @@ class HFLlama31Importer(HFLlamaImporter):
         return config_from_hf(AutoConfig.from_pretrained(str(self)))
 
 
-class HFLlama31Exporter(HFLlamaExporter):
+class HFLlama31Exporter(TableExporter, HFLlamaExporter):
     """NeMo Llama 3.1 checkpoint -> transformers ``LlamaForCausalLM``
     (plus its tokenizer when it has a HF one)."""
 
-    def apply(self, output_path: Path) -> Path:
-        from transformers import AutoModelForCausalLM
-
-        source, _ = self.nemo_load(str(self))
-        if any(".adapter." in name for name in megatron_state(source)):
-            raise ValueError("checkpoint: a LoRA run's checkpoint holds its adapters, not "
-                             "the model; export them with export_lora (PEFT format)")
-        tensors = megatron_to_hf(source, self.nemo_config)
-        model = AutoModelForCausalLM.from_config(self.config)
-        model.load_state_dict(tensors, strict=not self.config.tie_word_embeddings, assign=True)
-        if self.config.tie_word_embeddings:
-            model.tie_weights()
-        model.save_pretrained(output_path)
-        save_hf_tokenizer(self.tokenizer, output_path)
-        return output_path
-
-    @cached_property
-    def nemo_config(self) -> CoomLlama31Config:
-        return io.load_context(str(self), subpath="model.config")
-
-    @cached_property
-    def tokenizer(self):
-        return io.load_context(str(self), subpath="model.tokenizer")
+    mappings = staticmethod(mappings)
+    hf_config_of = staticmethod(hf_config_from)
 
     @cached_property
     def config(self):
@@ -239,11 +152,3 @@ def export_to_hf(checkpoint, output_path) -> Path:
     output = new_output(output_path)
     with on_this_host():
         return HFLlama31Exporter(str(source.resolve()))(output_path=output)
-
-
-@contextlib.contextmanager
-def loaded(checkpoint):
-    """The model of a NeMo Llama checkpoint, for inspection here."""
-    with on_this_host():
-        model, _ = HFLlama31Exporter(str(checkpoint)).nemo_load(str(checkpoint))
-        yield model

@@ -179,9 +179,18 @@ LORA_TARGETS = ["linear_q_proj", "linear_q_down_proj", "linear_q_up_proj",
 
 
 def _finetune(method, restore_path, data_dir, **launch):
-    return finetune(FINETUNE, method, family="deepseek", lora_targets=LORA_TARGETS,
-                    importer="coom_nemo.models.deepseek.import_from_hf",
-                    restore_path=restore_path, data_dir=data_dir, **launch)
+    recipe = finetune(FINETUNE, method, family="deepseek", lora_targets=LORA_TARGETS,
+                      importer="coom_nemo.models.deepseek.import_from_hf",
+                      restore_path=restore_path, data_dir=data_dir, **launch)
+    if method == "lora":
+        # megatron-core steps the expert bias (a buffer, not a frozen
+        # weight) after every batch (finalize_model_grads.py:467-468,
+        # 285-307), but a LoRA checkpoint keeps the adapters only: the
+        # fine-tuned model would route by a bias no export holds
+        # (measured: PEFT logits 3.7 from NeMo's after 10 steps). Keep
+        # the imported bias.
+        recipe.model.config.moe_router_bias_update_rate = 0.0
+    return recipe
 
 
 def _finetune_factory(method: str, size: str, name: str, doc: str):
