@@ -14,18 +14,31 @@
 #     GPU_CHECK_GROUPS="one_gpu resume_one_gpu" picks groups (default: all the node's GPUs allow);
 #     GPU_CHECK_TIMEOUT=<s> bounds each group (default 520)
 #   scripts/gpu_check.sh bench te-free|te|nan [bench.py args]   # bench/bench.py sets, to $OUT
+#   scripts/gpu_check.sh session [seconds]   # after the first `stage`: all of the below, detached
+#                                         #   (setsid), so that the calls bringing TE's parts and the
+#                                         #   calls waiting for results run while it works: bench
+#                                         #   te-free alone; TE's build beside test no-te; test te beside
+#                                         #   bench nan; bench te alone until [seconds] (default 1300)
+#                                         #   after the session began
+#   scripts/gpu_check.sh collect [seconds]   # waits up to [seconds] (default 540) for the session and
+#                                         #   copies its progress and results (one .tgz) to $OUT
 #
 # Node-only changes (never in the package): the overlay in /opt/coom_pkgs, TE in the node's
 # Python, and a numpy-2 shim (megatron-core 0.15.3 calls np.product, removed in numpy 2, when it
 # saves distributed checkpoints: dist_checkpointing/exchange_utils.py:66).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-overlay=/opt/coom_pkgs te_dir=/opt/te
+overlay=/opt/coom_pkgs te_dir=/opt/te session_dir=/opt/coom_gpu_session
+NODE_EXTRA_WHEELS=(mlperf-logging==4.1.68 peft==0.17.1)
 out=${OUT:-gpu-check}
 
 prepare() {
   local shared=${SHARED:-../shared/gpu}
   [[ -f .gpu-wheels/.complete ]] || { "$shared/build-wheelhouse.sh" .gpu-wheels && touch .gpu-wheels/.complete; }
+  # what the package and its tests import that neither the node nor the shared overlay has
+  # (mlperf-logging), or has at another version than pyproject.toml pins (the node's peft 0.21)
+  pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any \
+    -d .gpu-wheels "${NODE_EXTRA_WHEELS[@]}"
   [[ -f .gpu-te/wheel.sha256 ]] || "$shared/te/fetch-te.sh" .gpu-te
   mkdir -p .gpu-node && cp "$shared/install-overlay.sh" "$shared/te/build-te.sh" .gpu-node/
   du -sh .gpu-wheels .gpu-te/* .gpu-node
@@ -37,16 +50,29 @@ stage() {
   fi
   mkdir -p $te_dir
   for f in .gpu-te/* .gpu-node/build-te.sh; do [[ -f $f ]] && cp -n "$f" $te_dir/; done
-  local pieces=(part00 part01 part02 part03 part04 te_torch.tar.gz build-te.sh
-                transformer_engine-2.20.2-py3-none-any.whl)
-  local missing=() p
-  for p in "${pieces[@]}"; do [[ -f $te_dir/$p ]] || missing+=("$p"); done
-  if ((${#missing[@]})); then
-    echo "TE pieces still missing in $te_dir: ${missing[*]}"
-  elif [[ ! -f $te_dir/build_start ]]; then
-    (cd $te_dir && setsid nohup bash build-te.sh > outer.log 2>&1 < /dev/null &)
-    echo "TE build started in $te_dir (about 2 minutes; build_end marks the end)"
+  local missing
+  missing=$(missing_te_pieces)
+  if [[ -n $missing ]]; then
+    echo "TE pieces still missing in $te_dir:$missing"
+  elif [[ -f $session_dir/started ]]; then
+    echo "TE pieces complete; the session starts TE's build when its GPU is free of timings"
+  else
+    start_te_build
   fi
+}
+
+missing_te_pieces() {
+  local p
+  for p in part00 part01 part02 part03 part04 te_torch.tar.gz build-te.sh \
+           transformer_engine-2.20.2-py3-none-any.whl; do
+    [[ -f $te_dir/$p ]] || printf ' %s' "$p"
+  done
+}
+
+start_te_build() {  # detached; niced, so tests running beside it keep their CPUs
+  [[ -f $te_dir/build_start ]] && return 0
+  (cd $te_dir && setsid nohup nice -n 15 bash build-te.sh > outer.log 2>&1 < /dev/null &)
+  echo "TE build started in $te_dir (about 2 minutes; build_end marks the end)"
 }
 
 wait_for() {  # wait_for FILE SECONDS WHAT
@@ -128,10 +154,15 @@ declare -A BENCH_SETS=(
   [te-free]="^llama-stock-local-bf16$ ^llama-coom-sdpa-bf16-mbs4$ ^llama-coom-sdpa-bf16$
              ^llama-coom-sdpa-bf16-mbs8$"
   [te]="^llama-stock-te-fp8$ ^llama-coom-te-fp8-mbs8$ ^moe-stock-te-bf16$ ^moe-coom-te-bf16-mbs8$
-        ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs8$ ^llama-coom-te-fp8-mbs4$
-        ^moe-coom-te-bf16-mbs4$ ^llama-coom-te-fp8-mbs4-native-ce$ ^llama-stock-te-fp8-mbs4$
-        ^llama-coom-te-fp8-mbs4-te-swiglu$ ^moe-coom-te-bf16$ ^moe-coom-te-bf16-mbs8-router-fusion$
-        ^moe-coom-te-bf16-mbs8-rope-fusion$"
+        ^llama-coom-te-fp8-mbs4$ ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs8$
+        ^llama-coom-te-fp8-mbs8-te-swiglu$ ^moe-coom-te-bf16-mbs8-router-fusion$
+        ^llama-stock-te-fp8-mbs4$ ^moe-coom-te-bf16-mbs4$ ^llama-coom-te-fp8-mbs4-native-ce$
+        ^moe-coom-te-bf16-mbs8-rope-fusion$ ^llama-coom-te-fp8-mbs4-te-swiglu$"
+  # the same comparisons where an 80 GB GPU (H100) admits them: micro-batches up to 2
+  [te-free-80g]="^llama-stock-local-bf16$ ^llama-coom-sdpa-bf16-mbs2$ ^llama-coom-sdpa-bf16$"
+  [te-80g]="^llama-stock-te-fp8$ ^llama-coom-te-fp8-mbs2$ ^moe-stock-te-bf16$ ^moe-coom-te-bf16-mbs2$
+            ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs2$ ^llama-coom-te-fp8-mbs2-te-swiglu$
+            ^moe-coom-te-bf16$ ^llama-coom-te-fp8$"
   # BF16 on the TE spec, repeated for its NaN rate (no timing: may run beside the tests)
   [nan]="^llama-coom-te-bf16$"
 )
@@ -148,10 +179,67 @@ run_bench() {  # run_bench te-free|te|nan [bench.py args]
     --only "${patterns[@]}" "$@"
 }
 
+# One lease, every step: a lent node is given back 30 s after a call, and each call may carry at
+# most 64 MiB, so the session runs detached while later calls bring TE's parts and wait for it.
+session() {  # session [seconds]
+  mkdir -p $session_dir
+  if [[ -f $session_dir/started ]]; then
+    echo "a session already started on this node ($session_dir/progress)"; return 0
+  fi
+  date +%s > $session_dir/started
+  (setsid nohup bash "$0" session-run "${1:-1300}" > $session_dir/session.log 2>&1 < /dev/null &)
+  echo "session started; 'scripts/gpu_check.sh collect' waits for it and brings its results back"
+}
+
+session_run() {  # session_run seconds (what `session` starts)
+  local budget=$1 t0 left rc
+  set +e  # a failing step is noted and the next one runs
+  t0=$(cat $session_dir/started)
+  out=$session_dir/out
+  mkdir -p "$out"
+  note() { echo "$(date -u +%H:%M:%S) +$(($(date +%s) - t0))s $*" >> $session_dir/progress; }
+  # the sets for the GPU's memory: an 80 GB card refuses micro-batches above 2 (plan check)
+  local memory suffix=""
+  memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  ((memory < 100000)) && suffix=-80g
+  note "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $memory MiB"
+  note "bench te-free$suffix (alone on the GPU)"
+  run_bench te-free$suffix --steps 8 --budget 300 > "$out/bench_te-free.txt" 2>&1; note "rc=$?"
+  note "waiting for TE's parts"
+  while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
+  start_te_build >> $session_dir/progress
+  note "test no-te (TE builds beside it)"
+  GPU_CHECK_TIMEOUT=420 run_tests no-te > /dev/null 2>&1; note "rc=$?"
+  note "test te, bench nan beside it"
+  wait_for $te_dir/build_end 300 "TE's build" 2>> $session_dir/progress
+  tail -1 $te_dir/build.log >> $session_dir/progress 2>&1
+  run_bench nan --repeat 5 --steps 4 --warmup 1 > "$out/bench_nan.txt" 2>&1 &
+  GPU_CHECK_TIMEOUT=420 run_tests te > /dev/null 2>&1; rc=$?
+  wait; note "rc=$rc"
+  left=$((budget - ($(date +%s) - t0) - 15))
+  note "bench te$suffix (alone on the GPU), budget ${left}s"
+  ((left > 60)) && { run_bench te$suffix --steps 8 --budget "$left" > "$out/bench_te.txt" 2>&1; note "rc=$?"; }
+  note "done"
+  touch $session_dir/done
+}
+
+collect() {  # collect [seconds]
+  local limit=${1:-540} waited=0
+  while [[ ! -f $session_dir/done ]] && ((waited < limit)); do sleep 5; waited=$((waited + 5)); done
+  cat $session_dir/progress 2>/dev/null
+  [[ -f $session_dir/done ]] || echo "(session still running)"
+  tail -3 $session_dir/session.log 2>/dev/null
+  mkdir -p "$out"
+  tar czf "$out/gpu_session.tgz" -C $session_dir progress session.log out 2>/dev/null || true
+}
+
 case ${1:-} in
   prepare) prepare ;;
   stage) stage ;;
   test) shift; run_tests "$@" ;;
   bench) shift; run_bench "$@" ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  session) shift; session "$@" ;;
+  session-run) shift; session_run "$@" ;;
+  collect) shift; collect "$@" ;;
+  *) sed -n '2,27p' "$0"; exit 2 ;;
 esac
