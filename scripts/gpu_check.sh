@@ -16,10 +16,10 @@
 #   scripts/gpu_check.sh bench te-free|te|nan [bench.py args]   # bench/bench.py sets, to $OUT
 #   scripts/gpu_check.sh session [seconds]   # after the first `stage`: all of the below, detached
 #                                         #   (setsid), so that the calls bringing TE's parts and the
-#                                         #   calls waiting for results run while it works: bench
-#                                         #   te-free alone; TE's build beside test no-te; test te beside
-#                                         #   bench nan; bench te alone until [seconds] (default 1300)
-#                                         #   after the session began
+#                                         #   calls waiting for results run while it works: test no-te
+#                                         #   with TE's build beside it; test te beside bench nan; then
+#                                         #   bench te and te-free, each alone, until [seconds] (default
+#                                         #   1300) after the session began
 #   scripts/gpu_check.sh collect [seconds]   # waits up to [seconds] (default 540) for the session and
 #                                         #   copies its progress and results (one .tgz) to $OUT
 #
@@ -151,8 +151,8 @@ print(*(f'{n} {v(n)}' for n in ('torch', 'nemo_toolkit', 'megatron_core', 'numpy
 # Bench sets (bench/bench.py variants, run in this order; the first of each comparison first,
 # so a budget cut leaves whole pairs). Timings need a quiet GPU: run them alone.
 declare -A BENCH_SETS=(
-  [te-free]="^llama-stock-local-bf16$ ^llama-coom-sdpa-bf16-mbs4$ ^llama-coom-sdpa-bf16$
-             ^llama-coom-sdpa-bf16-mbs8$"
+  [te-free]="^llama-stock-local-bf16$ ^llama-coom-sdpa-bf16-mbs8$ ^llama-coom-sdpa-bf16-mbs4$
+             ^llama-coom-sdpa-bf16$"
   [te]="^llama-stock-te-fp8$ ^llama-coom-te-fp8-mbs8$ ^moe-stock-te-bf16$ ^moe-coom-te-bf16-mbs8$
         ^llama-coom-te-fp8-mbs4$ ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs8$
         ^llama-coom-te-fp8-mbs8-te-swiglu$ ^moe-coom-te-bf16-mbs8-router-fusion$
@@ -200,25 +200,27 @@ session_run() {  # session_run seconds (what `session` starts)
   note() { echo "$(date -u +%H:%M:%S) +$(($(date +%s) - t0))s $*" >> $session_dir/progress; }
   # the sets for the GPU's memory: an 80 GB card refuses micro-batches above 2 (plan check)
   local memory suffix=""
-  memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  ((memory < 100000)) && suffix=-80g
+  memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | tr -dc 0-9)
+  ((${memory:-0} > 0 && memory < 100000)) && suffix=-80g
   note "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $memory MiB"
-  note "bench te-free$suffix (alone on the GPU)"
-  run_bench te-free$suffix --steps 8 --budget 300 > "$out/bench_te-free.txt" 2>&1; note "rc=$?"
-  note "waiting for TE's parts"
-  while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
-  start_te_build >> $session_dir/progress
-  note "test no-te (TE builds beside it)"
+  note "test no-te (TE's parts arrive, then TE builds, beside it)"
+  { while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
+    start_te_build >> $session_dir/progress; } &
   GPU_CHECK_TIMEOUT=420 run_tests no-te > /dev/null 2>&1; note "rc=$?"
+  wait
   note "test te, bench nan beside it"
   wait_for $te_dir/build_end 300 "TE's build" 2>> $session_dir/progress
   tail -1 $te_dir/build.log >> $session_dir/progress 2>&1
   run_bench nan --repeat 5 --steps 4 --warmup 1 > "$out/bench_nan.txt" 2>&1 &
   GPU_CHECK_TIMEOUT=420 run_tests te > /dev/null 2>&1; rc=$?
   wait; note "rc=$rc"
-  left=$((budget - ($(date +%s) - t0) - 15))
-  note "bench te$suffix (alone on the GPU), budget ${left}s"
+  # the timings, each set alone on the GPU: TE first (FP8, MoE), then TE-free (TE hidden)
+  left=$(((budget - ($(date +%s) - t0) - 15) * 11 / 20))
+  note "bench te$suffix, budget ${left}s"
   ((left > 60)) && { run_bench te$suffix --steps 8 --budget "$left" > "$out/bench_te.txt" 2>&1; note "rc=$?"; }
+  left=$((budget - ($(date +%s) - t0) - 15))
+  note "bench te-free$suffix, budget ${left}s"
+  ((left > 60)) && { run_bench te-free$suffix --steps 8 --budget "$left" > "$out/bench_te-free.txt" 2>&1; note "rc=$?"; }
   note "done"
   touch $session_dir/done
 }

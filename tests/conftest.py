@@ -35,6 +35,28 @@ def run_process(args, cwd, timeout=600, env=None, merge=False):
     return done.returncode, done.stdout + (done.stderr or "")
 
 
+def free_port(block: int = 8) -> int:
+    """A port ``p`` with ``p .. p+block-1`` free: a torchrun master port
+    and the ports after it that ``helpers.one_process_group_each``
+    gives each run of the job. Taken below the kernel's ephemeral range
+    (32768-60999), where the client sockets of other processes cannot
+    take one of them before the job binds it (an ephemeral port + 1
+    was found taken: EADDRINUSE)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randrange(20000, 32000 - block)
+        try:
+            for port in range(base, base + block):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {block} consecutive free ports found in 20000-32000")
+
+
 @pytest.fixture
 def run_cmd(tmp_path):
     return lambda args, **kw: run_process(args, cwd=kw.pop("cwd", tmp_path), **kw)

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, free_port
 from deepseek_tiny import DEBUG_SHAPE, SHAPES, VOCAB, hf_logits, make_tiny_deepseek
 from gpt_oss_tiny import write_finetuning_data
 from helpers import check_te_names, falls, train, watched
 from test_cli import NEMO
-from test_parallel_cpu import _free_port
 
 from coom_nemo import launch
 from coom_nemo.model_math import kv_cache_report
@@ -43,7 +42,7 @@ def test_ep2_trains_logs_mtp_and_load_and_the_expert_bias_balances(run_cmd, tmp_
     # EP2 with the expert bias at megatron-core's default rate, then
     # off (same seed and data); then PP2, whose rank 0 has no MoE layer
     code, out = run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                         "--master-port", str(_free_port()),
+                         "--master-port", str(free_port()),
                          str(ROOT / "tests" / "deepseek_ep.py"), str(tmp_path),
                          f"EP2:0.001:{STEPS}", f"EP2:0:{STEPS}", "PP2:0.001:3"],
                         env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})

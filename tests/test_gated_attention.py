@@ -8,20 +8,14 @@ must equal the matching slices of the reference gradients.
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 SEQ, BATCH, HIDDEN, HEADS, GROUPS, HEAD_DIM = 8, 2, 32, 4, 2, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _causal_mask(device="cpu"):
@@ -192,7 +186,7 @@ def _worker(rank, world, port, device):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_gated_attention_matches_the_formula(tp):
-    mp.spawn(_worker, args=(tp, _free_port(), "cpu"), nprocs=tp, join=True)
+    mp.spawn(_worker, args=(tp, free_port(), "cpu"), nprocs=tp, join=True)
 
 
 @pytest.mark.gpu
@@ -201,8 +195,7 @@ def test_gated_attention_matches_the_formula_on_gpu(tp):
     """TE modules where TE imports, else local ones with SDPA."""
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} CUDA GPUs")
-    mp.spawn(_worker, args=(tp, _free_port(), "cuda"), nprocs=tp, join=True)
-
+    mp.spawn(_worker, args=(tp, free_port(), "cuda"), nprocs=tp, join=True)
 
 
 @pytest.mark.parametrize("factory", ["coom_llama31_405b", "coom_deepseek"])

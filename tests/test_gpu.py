@@ -24,7 +24,7 @@ from pathlib import Path
 import nemo_run as run
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_process
+from conftest import PYTHON, ROOT, free_port, run_process
 from helpers import SaveInitialWeights, comparable, falls, train
 
 from coom_nemo.models.base import has_transformer_engine
@@ -136,7 +136,7 @@ def test_two_gpu_layouts_follow_the_one_gpu_curve(factory, tmp_path):
                                     start_from=init))
     code, out = run_process(
         [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(_free_port()), str(ROOT / "tests" / "parallel_equivalence.py"),
+         "--master-port", str(free_port()), str(ROOT / "tests" / "parallel_equivalence.py"),
          "--gpu", factory, str(tmp_path), init, str(STEPS), str(num_layers), *layouts],
         cwd=tmp_path, env={"PYTHONPATH": _pythonpath()}, timeout=900)
     assert code == 0, out[-4000:]
@@ -152,14 +152,6 @@ def test_two_gpu_layouts_follow_the_one_gpu_curve(factory, tmp_path):
             failures.append(f"{layout}: max relative deviation {deviation:.2e} > {limit}")
     assert falls(reference.losses), reference.losses
     assert not failures, failures
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pythonpath() -> str:

@@ -1,22 +1,14 @@
 """Growth of checkpoints saved by 2 processes (TP2, PP2), loaded whole
 in one process; the grown model restored by the recipe."""
 
-import socket
-
 import pytest
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, free_port
 from grow_tools import head_logits
 from helpers import train
 
 from coom_nemo import grow
 from coom_nemo.grow import Growth
 from coom_nemo.recipes import FACTORIES
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +18,7 @@ def saved(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("parallel")
     code, log = run_process([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-port", str(_free_port()),
+                             "--master-port", str(free_port()),
                              str(ROOT / "tests" / "grow_parallel.py"), str(out)], cwd=out,
                             env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert code == 0, log[-3000:]

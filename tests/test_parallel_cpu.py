@@ -6,23 +6,16 @@ produce the single-process loss curve, on every rank.
 """
 
 import json
-import socket
 
 import nemo_run as run
 import pytest
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, free_port
 from helpers import SaveInitialWeights, comparable, falls, train
 
 from coom_nemo.plan import PlanError
 from coom_nemo.recipes import FACTORIES
 
 STEPS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference_then_layouts(run_cmd, tmp_path, factory, num_layers, layouts):
@@ -34,7 +27,7 @@ def reference_then_layouts(run_cmd, tmp_path, factory, num_layers, layouts):
     recipe.trainer.callbacks.append(run.Config(SaveInitialWeights, path=init))
     reference, _ = train(recipe)
     code, out = run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                         "--master-port", str(_free_port()),
+                         "--master-port", str(free_port()),
                          str(ROOT / "tests" / "parallel_equivalence.py"), factory,
                          str(tmp_path), init, str(STEPS), str(num_layers), *layouts],
                         env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
