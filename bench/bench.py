@@ -320,10 +320,9 @@ def child(name: str, steps: int, warmup: int, workdir: str) -> None:
     from nemo import lightning as nl
     from nemo.collections import llm
 
-    from coom_nemo.plan import Plan, PlanError, PlanOptions
+    from coom_nemo.plan import Plan, PlanOptions
 
-    # this GPU's memory (0 reads it): a plan the recipes would refuse
-    # as out of memory is reported, not run into an OOM
+    # this GPU's memory (0 reads it): see refusal
     options = PlanOptions(gpu_memory_gb=0)
     if v.impl == "coom":
         recipe = coom_recipe(name, v, steps, workdir)
@@ -339,11 +338,9 @@ def child(name: str, steps: int, warmup: int, workdir: str) -> None:
         def launch():
             llm.pretrain(model=model, data=data, trainer=trainer, optim=optim,
                          log=nl.NeMoLogger(log_dir=workdir, ckpt=None))
-    try:
-        plan.check()
-    except PlanError as error:
-        print("BENCH_RESULT " + json.dumps(dict(name=name, error=f"not run: {error}")),
-              flush=True)
+    refused = refusal(plan)
+    if refused:
+        print("BENCH_RESULT " + json.dumps(dict(name=name, error=refused)), flush=True)
         return
     estimate_gb = plan.memory_estimate_gb()["total"] * 1024**3 / 1e9
 
@@ -357,6 +354,20 @@ def child(name: str, steps: int, warmup: int, workdir: str) -> None:
     trainer.callbacks.append(_Recorder(warmup, steps, finish))
     launch()
     raise RuntimeError(f"{name}: training ended before step {steps}")
+
+
+def refusal(plan) -> str | None:
+    """Why the recipes' plan check would refuse this run (e.g. the
+    micro-batch does not fit this GPU), or None: such a variant is
+    reported as not run instead of running into an out-of-memory
+    error."""
+    from coom_nemo.plan import PlanError
+
+    try:
+        plan.check()
+    except PlanError as error:
+        return f"not run: {error}"
+    return None
 
 
 def measured(name: str, recorder, warmup: int, estimate_gb: float) -> dict:

@@ -127,6 +127,25 @@ def test_plan_refuses_the_micro_batch_that_ran_out_of_memory():
         check_recipe(recipe)
 
 
+@pytest.mark.parametrize("gpu_memory_gb, refused", [(79.2, True), (139.8, False)])
+def test_a_variant_the_plan_refuses_on_this_gpu_is_reported_not_run(gpu_memory_gb, refused):
+    """MBS 8 of the FP8 Llama proxy (plan 107 GiB): refused on an H100's
+    79.2 GiB, run on an H200's 139.8 GiB."""
+    from coom_nemo.plan import Plan
+    from coom_nemo.recipe import _build
+
+    recipe = bench.coom_recipe("proxy", bench.VARIANTS["llama-coom-te-fp8-mbs8"], 10,
+                               "/tmp/unused")
+    recipe.plan.gpu_memory_gb = gpu_memory_gb
+    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
+                           _build(recipe.plan))
+    reason = bench.refusal(plan)
+    if refused:
+        assert reason.startswith("not run: ") and "exceeds 95% of 79 GiB" in reason, reason
+    else:
+        assert reason is None
+
+
 def test_the_child_reports_after_its_last_step_from_measured_steps(monkeypatch):
     """The child's callback hands its result over at the last step
     (the process then ends, skipping the teardown); step time is the
