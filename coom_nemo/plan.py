@@ -270,8 +270,9 @@ class Plan:
         (the distributed optimizer shards dense parameters over DP x CP,
         megatron/core/optimizer/__init__.py:609, experts over the
         expert-DP group) and the activations the pipeline schedule keeps
-        alive (after Korthikanti et al., 2022, with flash attention: no
-        s^2 term). A planning figure: expect +-15%.
+        alive (after Korthikanti et al., 2022; the s^2 softmax term only
+        where the config names an unfused attention backend). A planning
+        figure: expect +-15%.
         """
         c = self.cfg
         p = count_params(c, self.tp)
@@ -315,6 +316,10 @@ class Plan:
         per_token = (6 + 2 * kv_ratio) * h + topk * (up + ffn)
         per_layer = tokens * per_token * act_bytes
         per_layer /= self.tp if self.sp or self.tp == 1 else 1
+        if _materializes_attention_probs(c):
+            # heads x s x s softmax output, kept for the probs @ V
+            # backward (measured: +8.8 GB for 8 layers at s = 4096)
+            per_layer += heads / self.tp * tokens * self.seq_length * act_bytes
         if _field(c, "recompute_granularity") == "full":
             per_layer = tokens * h * act_bytes / self.tp
         # 1F1B keeps pp micro-batches of layers/pp layers alive on the
@@ -360,6 +365,17 @@ class Plan:
                 "raise TP/PP (or EP for experts), use the distributed optimizer, "
                 "enable activation recompute or lower the micro batch size",
             )
+
+
+def _materializes_attention_probs(config) -> bool:
+    """Core attention that keeps its softmax output: the backends a
+    config names as unfused (megatron-core's local attention, TE's
+    unfused one), unless selective recompute recomputes it. The
+    default picks flash or fused kernels (TE, or SDPA without TE:
+    ``coom_nemo.models.sdpa``), which keep no s x s tensor."""
+    backend = getattr(_field(config, "attention_backend"), "name", "auto")
+    return (backend in ("local", "unfused")
+            and _field(config, "recompute_granularity") != "selective")
 
 
 def _precision_name(plugins, cpu: bool) -> str:

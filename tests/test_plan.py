@@ -95,3 +95,28 @@ def test_te_cross_entropy_counts_the_logits_once():
     assert (native - te) * 1024**3 == pytest.approx(4 * tokens * vocab / plan.tp)
     plan.cfg.cross_entropy_loss_fusion = False  # unfused: the fp32 copy again
     assert plan.memory_estimate_gb()["activations"] == pytest.approx(native)
+
+
+@pytest.mark.parametrize("backend", ["local", "unfused"])
+def test_unfused_attention_counts_its_softmax_unless_recomputed(backend):
+    """An attention backend that materialises its probabilities keeps
+    heads/TP x s x s of them per layer and micro-batch in flight (PP1:
+    every layer); flash and fused kernels (the default) and selective
+    recompute keep none."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from coom_nemo.plan import Plan
+    from coom_nemo.recipe import _build
+
+    recipe = FACTORIES["coom_llama31_405b"](size="8b", num_nodes=1, gpus_per_node=8,
+                                            layout="TP2.CP1", micro_batch_size=1, mlperf=False)
+    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
+                           _build(recipe.plan))
+    flash = plan.memory_estimate_gb()["activations"]
+    plan.cfg.attention_backend = AttnBackend[backend]
+    unfused = plan.memory_estimate_gb()["activations"]
+    c = plan.cfg
+    probs = c.num_attention_heads / plan.tp * plan.mbs * plan.seq_length**2 * 2 * c.num_layers
+    assert (unfused - flash) * 1024**3 == pytest.approx(probs)
+    plan.cfg.recompute_granularity = "selective"
+    assert plan.memory_estimate_gb()["activations"] == pytest.approx(flash)
