@@ -55,7 +55,7 @@ stage() {
   if [[ -n $missing ]]; then
     echo "TE pieces still missing in $te_dir:$missing"
   elif [[ -f $session_dir/started ]]; then
-    echo "TE pieces complete; the session starts TE's build when its GPU is free of timings"
+    echo "TE pieces complete; the session starts TE's build"
   else
     start_te_build
   fi
@@ -228,9 +228,9 @@ session_run() {  # session_run seconds (what `session` starts)
 collect() {  # collect [seconds]
   local limit=${1:-540} waited=0
   while [[ ! -f $session_dir/done ]] && ((waited < limit)); do sleep 5; waited=$((waited + 5)); done
-  cat $session_dir/progress 2>/dev/null
+  cat $session_dir/progress 2>/dev/null || echo "(no session on this node)"
   [[ -f $session_dir/done ]] || echo "(session still running)"
-  tail -3 $session_dir/session.log 2>/dev/null
+  tail -3 $session_dir/session.log 2>/dev/null || true
   mkdir -p "$out"
   tar czf "$out/gpu_session.tgz" -C $session_dir progress session.log out 2>/dev/null || true
 }
