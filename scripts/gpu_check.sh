@@ -226,10 +226,8 @@ session_run() {  # session_run seconds (what `session` starts)
 }
 
 collect() {  # collect [seconds]
-  local limit=${1:-540} waited=0
-  while [[ ! -f $session_dir/done ]] && ((waited < limit)); do sleep 5; waited=$((waited + 5)); done
+  wait_for $session_dir/done "${1:-540}" "the session (still running)" || true
   cat $session_dir/progress 2>/dev/null || echo "(no session on this node)"
-  [[ -f $session_dir/done ]] || echo "(session still running)"
   tail -3 $session_dir/session.log 2>/dev/null || true
   mkdir -p "$out"
   tar czf "$out/gpu_session.tgz" -C $session_dir progress session.log out 2>/dev/null || true

@@ -103,16 +103,21 @@ MEASURED_PEAKS = [
 ]
 
 
-@pytest.mark.parametrize("variant, peak_gb, where", MEASURED_PEAKS)
-def test_plan_memory_estimate_is_within_10_percent_of_measured_peaks(
-        variant, peak_gb, where, tmp_path):
+def proxy_plan(variant: str, gpu_memory_gb: float | None = None):
+    """A bench variant's coom recipe plan, as built on this host."""
     from coom_nemo.plan import Plan
     from coom_nemo.recipe import _build
 
-    recipe = bench.coom_recipe(variant, bench.VARIANTS[variant], 10, str(tmp_path))
-    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
+    recipe = bench.coom_recipe(variant, bench.VARIANTS[variant], 10, "/tmp/unused")
+    if gpu_memory_gb is not None:
+        recipe.plan.gpu_memory_gb = gpu_memory_gb
+    return Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
                            _build(recipe.plan))
-    estimate_gb = plan.memory_estimate_gb()["total"] * 1024**3 / 1e9
+
+
+@pytest.mark.parametrize("variant, peak_gb, where", MEASURED_PEAKS)
+def test_plan_memory_estimate_is_within_10_percent_of_measured_peaks(variant, peak_gb, where):
+    estimate_gb = proxy_plan(variant).memory_estimate_gb()["total"] * 1024**3 / 1e9
     assert estimate_gb == pytest.approx(peak_gb, rel=0.10), where
 
 
@@ -132,15 +137,7 @@ def test_plan_refuses_the_micro_batch_that_ran_out_of_memory():
 def test_a_variant_the_plan_refuses_on_this_gpu_is_reported_not_run(gpu_memory_gb, refused):
     """MBS 8 of the FP8 Llama proxy (plan 107 GiB): refused on an H100's
     79.2 GiB, run on an H200's 139.8 GiB."""
-    from coom_nemo.plan import Plan
-    from coom_nemo.recipe import _build
-
-    recipe = bench.coom_recipe("proxy", bench.VARIANTS["llama-coom-te-fp8-mbs8"], 10,
-                               "/tmp/unused")
-    recipe.plan.gpu_memory_gb = gpu_memory_gb
-    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
-                           _build(recipe.plan))
-    reason = bench.refusal(plan)
+    reason = bench.refusal(proxy_plan("llama-coom-te-fp8-mbs8", gpu_memory_gb))
     if refused:
         assert reason.startswith("not run: ") and "exceeds 95% of 79 GiB" in reason, reason
     else:
