@@ -70,7 +70,11 @@ def finetune(tunings: dict, method: str, *, family: str, lora_targets: list[str]
     model = checkpoint_model(restore_path, importer)
     schedule = tuning.schedule
     if max_steps:
-        schedule = dataclasses.replace(schedule, max_steps=max_steps)
+        # the data module sizes its set to max_steps batches and
+        # Lightning refuses a validation interval beyond them
+        schedule = dataclasses.replace(
+            schedule, max_steps=max_steps,
+            val_check_interval=min(schedule.val_check_interval, max_steps))
     peft = None
     if method == "lora":
         peft = run.Config(LoRA, target_modules=list(lora_targets), dim=tuning.lora_dim,

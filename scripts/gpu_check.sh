@@ -14,12 +14,13 @@
 #     GPU_CHECK_GROUPS="one_gpu resume_one_gpu" picks groups (default: all the node's GPUs allow);
 #     GPU_CHECK_TIMEOUT=<s> bounds each group (default 520)
 #   scripts/gpu_check.sh bench te-free|te|nan [bench.py args]   # bench/bench.py sets, to $OUT
-#   scripts/gpu_check.sh session [seconds]   # after the first `stage`: all of the below, detached
+#   scripts/gpu_check.sh session [seconds] [no-te]   # after the first `stage`: all of the below, detached
 #                                         #   (setsid), so that the calls bringing TE's parts and the
 #                                         #   calls waiting for results run while it works: test no-te
 #                                         #   with TE's build beside it; test te beside bench nan; then
 #                                         #   bench te and te-free, each alone, until [seconds] (default
-#                                         #   1300) after the session began
+#                                         #   1300) after the session began; `no-te` (a short
+#                                         #   lease): test no-te, then bench te-free
 #   scripts/gpu_check.sh collect [seconds]   # waits up to [seconds] (default 540) for the session and
 #                                         #   copies its progress and results (one .tgz) to $OUT
 #
@@ -187,12 +188,13 @@ session() {  # session [seconds]
     echo "a session already started on this node ($session_dir/progress)"; return 0
   fi
   date +%s > $session_dir/started
-  (setsid nohup bash "$0" session-run "${1:-1300}" > $session_dir/session.log 2>&1 < /dev/null &)
+  (setsid nohup bash "$0" session-run "${1:-1300}" "${2:-te}" > $session_dir/session.log 2>&1 \
+    < /dev/null &)
   echo "session started; 'scripts/gpu_check.sh collect' waits for it and brings its results back"
 }
 
-session_run() {  # session_run seconds (what `session` starts)
-  local budget=$1 t0 left rc
+session_run() {  # session_run seconds te|no-te (what `session` starts)
+  local budget=$1 with_te=$2 t0 left rc
   set +e  # a failing step is noted and the next one runs
   t0=$(cat $session_dir/started)
   out=$session_dir/out
@@ -203,6 +205,14 @@ session_run() {  # session_run seconds (what `session` starts)
   memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | tr -dc 0-9)
   ((${memory:-0} > 0 && memory < 100000)) && suffix=-80g
   note "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $memory MiB"
+  if [[ $with_te == no-te ]]; then  # a short lease: no TE to bring or build
+    note "test no-te"
+    GPU_CHECK_TIMEOUT=$((budget * 9 / 20)) run_tests no-te > /dev/null 2>&1; note "rc=$?"
+    left=$((budget - ($(date +%s) - t0) - 15))
+    note "bench te-free$suffix, budget ${left}s"
+    ((left > 60)) && { run_bench te-free$suffix --steps 8 --budget "$left" > "$out/bench_te-free.txt" 2>&1; note "rc=$?"; }
+    note "done"; touch $session_dir/done; return 0
+  fi
   note "test no-te (TE's parts arrive, then TE builds, beside it)"
   { while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
     start_te_build >> $session_dir/progress; } &
@@ -241,5 +251,5 @@ case ${1:-} in
   session) shift; session "$@" ;;
   session-run) shift; session_run "$@" ;;
   collect) shift; collect "$@" ;;
-  *) sed -n '2,27p' "$0"; exit 2 ;;
+  *) sed -n '2,29p' "$0"; exit 2 ;;
 esac

@@ -63,7 +63,11 @@ def make_tiny_deepseek(directory: Path, shape: str = "debug", seed: int = 0) -> 
             if name.endswith("norm.weight"):
                 tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
             elif name.endswith("e_score_correction_bias"):
-                tensor.normal_(0.0, 0.1)
+                # scores are sigmoids in (0, 1): biases around -1 make
+                # some biased scores negative, where megatron-core
+                # (-inf) and transformers (0) mask the other groups
+                # differently
+                tensor.normal_(-1.0, 1.0)
             else:
                 tensor.normal_(0.0, 0.15)
     model.save_pretrained(directory)

@@ -312,6 +312,42 @@ def test_transformer_engine_names_convert_both_ways(checkpoint, shape):
             ) == bool(SHAPES[shape]["q_lora_rank"])
 
 
+YARN = DEBUG_SHAPE["rope_scaling"]
+
+
+@pytest.mark.parametrize("rope_scaling, message", [
+    (dict(rope_type="linear", factor=4.0), "rope_scaling type 'linear' is not supported"),
+    (dict(rope_type="dynamic", factor=4.0), "rope_scaling type 'dynamic' is not supported"),
+    ({**YARN, "attention_factor": 2.0}, r"rope_scaling.attention_factor=2.0 is not supported"),
+    ({**YARN, "truncate": False}, "rope_scaling.truncate=False is not supported"),
+    ({k: v for k, v in YARN.items() if k != "mscale"},
+     "rope_scaling.mscale_all_dim=1.0 without mscale is not supported"),
+])
+def test_rope_scaling_mla_cannot_compute_is_refused_in_one_line(rope_scaling, message):
+    """Each of these moved the logits by 0.07 to 7 when imported as
+    plain RoPE or with the field ignored."""
+    from transformers import DeepseekV3Config
+
+    with pytest.raises(ValueError, match=f"^config.json: {message}; [^\n]+$"):
+        config_from_hf(DeepseekV3Config(**{**DEBUG_SHAPE, "rope_scaling": rope_scaling}))
+
+
+def test_yarn_with_one_mscale_is_transformers_default_scaling():
+    """Without both mscales transformers scales cos/sin by
+    0.1 ln(factor) + 1 whatever ``mscale`` says: MLA's (1, 0); export
+    refuses what has no such form."""
+    import fiddle as fdl
+    from transformers import DeepseekV3Config
+
+    one = {**YARN, "mscale": 0.707, "mscale_all_dim": 0}
+    imported = config_from_hf(DeepseekV3Config(**{**DEBUG_SHAPE, "rope_scaling": one}))
+    assert (imported["mscale"], imported["mscale_all_dim"]) == (1.0, 0.0)
+    config = fdl.build(deepseek_model("debug", rope_type="yarn", mscale=0.707,
+                                      mscale_all_dim=0.0)).config
+    with pytest.raises(ValueError, match=r"^mscale, mscale_all_dim: \(0.707, 0.0\) has no HF "):
+        hf_config_from(config)
+
+
 def test_export_refuses_what_transformers_cannot_compute():
     import fiddle as fdl
 

@@ -23,6 +23,7 @@ from coom_nemo.models.gpt_oss import CoomGptOssConfig
 from coom_nemo.models.gpt_oss_hf import (
     config_from_hf,
     export_to_hf,
+    hf_config_from,
     import_from_hf,
 )
 from coom_nemo.models.hf_mapping import CheckpointMismatchError
@@ -118,6 +119,19 @@ def test_gated_import_computes_the_same_function(hf_dir, gated, tmp_path):
     assert (nemo_logits(gated) - hf_logits(hf_dir, TOKENS)).abs().max() < TOLERANCE
     with pytest.raises(ValueError, match="^attention_gate: "):
         export_to_hf(gated, tmp_path / "hf")
+
+
+def test_a_swiglu_limit_transformers_ignores_is_refused_both_ways(hf_dir):
+    """transformers' GPT-OSS clamps at 7.0 whatever ``swiglu_limit``
+    says (a limit of 0.5 imported as such moved the logits by 2.9)."""
+    hf = AutoConfig.from_pretrained(hf_dir)
+    hf.swiglu_limit = 0.5
+    with pytest.raises(ValueError, match=r"^config.json: swiglu_limit=0.5 is not supported; "):
+        config_from_hf(hf)
+    hf.swiglu_limit = 7.0
+    config = CoomGptOssConfig(**config_from_hf(hf))
+    with pytest.raises(ValueError, match=r"^activation_func_clamp_value: 5.0 has no HF form"):
+        hf_config_from(dataclasses.replace(config, activation_func_clamp_value=5.0))
 
 
 def test_shapes_unlike_the_config_name_the_first_mismatching_tensor(hf_dir, tmp_path):

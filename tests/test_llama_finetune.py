@@ -107,6 +107,9 @@ def test_launch_paths(imported, run_cmd, tmp_path):
                              FACTORIES["coom_llama31_8b_sft"])
     recipe = launch.build(FACTORIES["coom_llama31_8b_sft"], args)
     assert recipe.trainer.max_steps == 3 and recipe.peft is None
+    # the debug schedule validates every 5 steps; a 3-step set has 3
+    # batches, and Lightning refuses an interval beyond them
+    assert recipe.trainer.val_check_interval == 3
     args.data = ["/data/prefix"]
     with pytest.raises(ValueError, match="^--data: this recipe does not take it"):
         launch.build(FACTORIES["coom_llama31_8b_sft"], args)

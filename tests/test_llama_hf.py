@@ -143,3 +143,47 @@ def test_configs_without_llama31_rope_are_refused_in_one_line():
         config_from_hf(llama_config(rope_scaling=None))
     with pytest.raises(ValueError, match="^attention_bias: "):
         config_from_hf(llama_config(attention_bias=True))
+
+
+def test_checkpoint_files_are_read_as_the_index_names_them(tmp_path):
+    """A sharded directory is read through its index, as transformers
+    reads it: a stray file repeating a tensor with other values moved
+    Llama's logits by 6 when every ``*.safetensors`` was read. Without
+    an index a tensor in two files, and with one a missing file, are
+    refused; so is a truncated file, naming it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from coom_nemo.models.conversion import read_safetensors
+
+    norm = torch.rand(8)
+    for name, tensors in {"model-00001-of-00002.safetensors": {"a": torch.rand(3)},
+                          "model-00002-of-00002.safetensors": {"model.norm.weight": norm}}.items():
+        save_file(tensors, tmp_path / name)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"model.norm.weight": torch.full((8,), 3.0)}, tmp_path / "stale.safetensors")
+    read = read_safetensors(tmp_path)
+    assert set(read) == {"a", "model.norm.weight"} and torch.equal(read["model.norm.weight"], norm)
+
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointMismatchError, match=(
+            r"^model\.norm\.weight: in both model-00002-of-00002\.safetensors and "
+            r"stale\.safetensors; keep one copy of each tensor")):
+        read_safetensors(tmp_path)
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {**index["weight_map"], "b": "model-00003-of-00003.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=(
+            r"^hf_dir: model-00003-of-00003\.safetensors \(named in "
+            r"model\.safetensors\.index\.json\) is missing")):
+        read_safetensors(tmp_path)
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    first = tmp_path / "model-00001-of-00002.safetensors"
+    first.write_bytes(first.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"^hf_dir: {first} cannot be read \\(.*\\); copy it "
+                       "again$"):
+        read_safetensors(tmp_path)

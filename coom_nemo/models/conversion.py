@@ -18,6 +18,7 @@ accounts for every tensor on both sides.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -37,17 +38,40 @@ from coom_nemo.models.hf_mapping import (
 
 
 def read_safetensors(directory) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF directory's ``*.safetensors``."""
-    from safetensors import safe_open
+    """Every tensor of a HF directory: the files its
+    ``model.safetensors.index.json`` names (as transformers reads
+    them), else every ``*.safetensors``. A tensor in two files, a file
+    the index names that is missing and one that cannot be read are
+    refused in one line."""
+    from safetensors import SafetensorError, safe_open
 
-    files = sorted(Path(directory).glob("*.safetensors"))
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / name for name in names]
+        absent = [file.name for file in files if not file.is_file()]
+        if absent:
+            raise FileNotFoundError(f"hf_dir: {absent[0]} (named in {index.name}) is missing "
+                                    f"in {directory}; copy the whole checkpoint")
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"hf_dir: no *.safetensors in {directory}; give a Hugging "
                                 "Face checkpoint directory")
-    tensors = {}
+    tensors, source = {}, {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key in source:
+                        raise CheckpointMismatchError(
+                            key, f"in both {source[key]} and {file.name}",
+                            "keep one copy of each tensor (a stray file in the directory?)")
+                    tensors[key], source[key] = f.get_tensor(key), file.name
+        except SafetensorError as error:
+            raise ValueError(f"hf_dir: {file} cannot be read ({error}); copy it again") \
+                from None
     return tensors
 
 

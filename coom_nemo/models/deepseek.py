@@ -51,14 +51,19 @@ HF_GROUP_SCORE_TOPK = 2
 
 
 def _group_scored_by(config) -> int | None:
-    """Experts per group whose scores make the group's score, where
-    that differs from megatron-core's ``topk // group_topk``
-    (moe_utils.py:467-469); None where it does not."""
+    """Experts per group whose scores make the group's score where the
+    config routes as transformers does (``moe_router_group_score_topk``
+    set and groups limiting the choice); None where megatron-core's
+    router does. Even where the group scores agree (``topk //
+    group_topk``, moe_utils.py:467-469), megatron-core masks the
+    experts of the other groups with -inf (moe_utils.py:481) and
+    transformers with 0, which picks them over chosen experts whose
+    biased score is negative."""
     wanted = getattr(config, "moe_router_group_score_topk", None)
     groups = config.moe_router_group_topk
     if wanted is None or not groups or groups == config.moe_router_num_groups:
         return None  # no groups, or every group is chosen anyway
-    return None if wanted == config.moe_router_topk // groups else wanted
+    return wanted
 
 
 def _group_limited_topk(scores, topk, num_tokens, num_experts, num_groups, group_topk, *,
@@ -126,9 +131,11 @@ class CoomDeepSeekConfig(CoomConfig, DeepSeekV3Config):
 
     Attributes:
         moe_router_group_score_topk: How many of an expert group's
-            best experts add up to its score in group-limited routing.
-            None: megatron-core's ``moe_router_topk //
-            moe_router_group_topk``; a Hugging Face import sets
+            best experts add up to its score in group-limited routing,
+            routed as transformers' DeepSeek-V3 routes (experts of the
+            other groups score 0). None: megatron-core's router
+            (``moe_router_topk // moe_router_group_topk``, the other
+            groups' experts at -inf); a Hugging Face import sets
             transformers' 2.
     """
 
@@ -237,14 +244,40 @@ def config_from_hf(hf) -> dict:
         max_position_embeddings=hf.max_position_embeddings,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
     )
-    if scaling.get("type", scaling.get("rope_type")) != "yarn":
+    return {**config, **_rope_from_hf(scaling)}
+
+
+def _rope_from_hf(scaling: dict) -> dict:
+    """MLA's RoPE fields of transformers' ``rope_scaling``: plain RoPE
+    or YaRN as transformers computes it (modeling_rope_utils.py,
+    ``_compute_yarn_parameters``; modeling_deepseek_v3.py:373-377);
+    what MLA cannot compute that way is refused in one line."""
+    kind = scaling.get("type", scaling.get("rope_type", "default"))
+    if kind == "default":
         # mscale_all_dim=0: MLA's softmax scale stays 1/sqrt(head dim)
-        return {**config, "rope_type": "rope", "mscale_all_dim": 0.0}
-    return {**config, "rope_type": "yarn", "rotary_scaling_factor": scaling["factor"],
+        return {"rope_type": "rope", "mscale_all_dim": 0.0}
+    if kind != "yarn":
+        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported; give a "
+                         "config with YaRN or no rope_scaling (MLA has plain RoPE and YaRN)")
+    for key, fix in (("attention_factor", "give mscale and mscale_all_dim instead"),
+                     ("truncate", "MLA rounds YaRN's correction range (truncate=true)")):
+        if key in scaling and scaling[key] not in (None, True):
+            raise ValueError(f"config.json: rope_scaling.{key}={scaling[key]!r} is not "
+                             f"supported; {fix}")
+    mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if all_dim and not mscale:
+        # transformers then scales cos/sin by 0.1 ln(factor) + 1 and the
+        # softmax by mscale_all_dim's factor squared; MLA's cos/sin
+        # scale is the ratio of the two
+        raise ValueError(f"config.json: rope_scaling.mscale_all_dim={all_dim} without mscale "
+                         "is not supported; give both (as DeepSeek-V3 does) or neither")
+    both = bool(mscale and all_dim)
+    return {"rope_type": "yarn", "rotary_scaling_factor": scaling["factor"],
             "original_max_position_embeddings": scaling["original_max_position_embeddings"],
             "beta_fast": scaling.get("beta_fast", 32), "beta_slow": scaling.get("beta_slow", 1),
-            "mscale": scaling.get("mscale", 1.0),
-            "mscale_all_dim": scaling.get("mscale_all_dim", 0.0)}
+            # without both, transformers scales cos/sin by
+            # 0.1 ln(factor) + 1 whatever mscale says: MLA's (1, 0)
+            "mscale": mscale if both else 1.0, "mscale_all_dim": all_dim if both else 0.0}
 
 
 def hf_config_from(cfg):
@@ -277,6 +310,10 @@ def hf_config_from(cfg):
                          "n_shared_experts needs; export a model where it is")
     rope_scaling = None
     if cfg.rope_type == "yarn":
+        mscales = (cfg.mscale, cfg.mscale_all_dim)
+        if mscales != (1.0, 0.0) and not all(mscales):
+            raise ValueError(f"mscale, mscale_all_dim: {mscales} has no HF form; use (1.0, 0.0) "
+                             "or two non-zero values")
         rope_scaling = {"rope_type": "yarn", "factor": cfg.rotary_scaling_factor,
                         "original_max_position_embeddings": cfg.original_max_position_embeddings,
                         "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,

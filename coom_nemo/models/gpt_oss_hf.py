@@ -63,6 +63,11 @@ from coom_nemo.models.hf_mapping import (
 log = logging.getLogger(__name__)
 
 
+# transformers' GPT-OSS clamps SwiGLU at 7.0 and ignores the config's
+# swiglu_limit (modeling_gpt_oss.py:79)
+HF_SWIGLU_LIMIT = 7.0
+
+
 def config_from_hf(hf) -> dict:
     """``CoomGptOssConfig`` fields of transformers' ``GptOssConfig``."""
     rope = hf.rope_scaling or {}
@@ -78,9 +83,13 @@ def config_from_hf(hf) -> dict:
         # HF's window counts the current token, megatron-core's does not
         window_size=(hf.sliding_window - 1, 0) if hf.sliding_window else None,
         window_attn_skip_freq=[int(kind == "sliding_attention") for kind in hf.layer_types],
-        activation_func_clamp_value=getattr(hf, "swiglu_limit", 7.0),
+        activation_func_clamp_value=HF_SWIGLU_LIMIT,
         seq_length=min(hf.max_position_embeddings, 4096),
     )
+    if getattr(hf, "swiglu_limit", HF_SWIGLU_LIMIT) != HF_SWIGLU_LIMIT:
+        raise ValueError(f"config.json: swiglu_limit={hf.swiglu_limit} is not supported; "
+                         f"transformers' GPT-OSS clamps at {HF_SWIGLU_LIMIT} whatever the config "
+                         f"says; give a config with swiglu_limit {HF_SWIGLU_LIMIT}")
     if rope.get("rope_type", rope.get("type")) != "yarn":
         # measured: logits 2.3 away from transformers' on a tiny model
         # (every released GPT-OSS uses YaRN)
@@ -129,6 +138,10 @@ def hf_config_from(cfg):
     else:  # plain RoPE computes other logits than transformers' (import)
         raise ValueError(f"position_embedding_type: {cfg.position_embedding_type!r} has no "
                          "GPT-OSS HF form; export a model trained with 'yarn'")
+    if cfg.activation_func_clamp_value != HF_SWIGLU_LIMIT:
+        raise ValueError(f"activation_func_clamp_value: {cfg.activation_func_clamp_value} has no "
+                         f"HF form (transformers' GPT-OSS clamps at {HF_SWIGLU_LIMIT}); export a "
+                         f"model trained with {HF_SWIGLU_LIMIT}")
     return GptOssConfig(
         num_hidden_layers=cfg.num_layers, num_local_experts=cfg.num_moe_experts,
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
