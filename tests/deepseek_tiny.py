@@ -47,8 +47,12 @@ SHAPES = {
 }
 
 
-def make_tiny_deepseek(directory: Path, shape: str = "debug", seed: int = 0) -> Path:
-    """A random tiny DeepseekV3ForCausalLM (fp32) and a tokenizer."""
+def make_tiny_deepseek(directory: Path, shape: str = "debug", seed: int = 0,
+                       expert_bias_mean: float = 0.0) -> Path:
+    """A random tiny DeepseekV3ForCausalLM (fp32) and a tokenizer.
+    Scores are sigmoids in (0, 1): an ``expert_bias_mean`` of -1 makes
+    many biased scores negative (where megatron-core's router and
+    transformers' differ: -inf and 0 for the other groups' experts)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     directory = Path(directory)
@@ -63,11 +67,7 @@ def make_tiny_deepseek(directory: Path, shape: str = "debug", seed: int = 0) -> 
             if name.endswith("norm.weight"):
                 tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
             elif name.endswith("e_score_correction_bias"):
-                # scores are sigmoids in (0, 1): biases around -1 make
-                # some biased scores negative, where megatron-core
-                # (-inf) and transformers (0) mask the other groups
-                # differently
-                tensor.normal_(-1.0, 1.0)
+                tensor.normal_(expert_bias_mean, 0.1 + abs(expert_bias_mean))
             else:
                 tensor.normal_(0.0, 0.15)
     model.save_pretrained(directory)

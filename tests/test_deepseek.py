@@ -228,6 +228,16 @@ def test_import_matches_transformers_logits_and_exports_back(checkpoint, shape, 
     assert torch.equal(hf_logits(export_to_hf(imported, tmp_path / "hf"), TOKENS), theirs)
 
 
+def test_routing_matches_transformers_where_biased_scores_are_negative(tmp_path):
+    """transformers scores the experts of the groups not chosen 0 and
+    megatron-core -inf: with expert biases around -1 the debug shape
+    (whose group score both compute alike) moved the logits by 4 when
+    imported onto megatron-core's router."""
+    hf = make_tiny_deepseek(tmp_path / "hf", "debug", expert_bias_mean=-1.0)
+    imported = import_from_hf(hf, tmp_path / "nemo")
+    assert (nemo_logits(imported) - hf_logits(hf, TOKENS)).abs().max() < TOLERANCE
+
+
 def test_megatron_core_group_scores_would_route_otherwise(checkpoint, monkeypatch, tmp_path):
     # the same checkpoint imported with megatron-core's group score
     # (top k/groups = 3 experts, not 2) computes other logits
