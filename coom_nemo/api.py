@@ -46,7 +46,7 @@ def finetune(model, data, trainer, log=None, resume=None, optim=None,
 
 def _check(model, data, trainer, optim, plan, log, resume) -> None:
     checked = Plan.from_parts(model, data, trainer, optim, plan).check()
-    check_run_folder(model, log, resume)
+    check_run_folder(model, log, resume, optim, trainer)
     if is_rank_zero():
         console.plan_line(checked.summary_line(), repeat=False)
 

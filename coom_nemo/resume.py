@@ -6,11 +6,13 @@ folder.
 - :class:`CoomAutoResume` resumes from the newest complete checkpoint,
   whatever its name; NeMo only looks at ``*-last`` ones.
 - :func:`check_run_folder` refuses, before anything is built or
-  written, a run folder whose checkpoint holds another model.
+  written, a run folder whose checkpoint holds another model or
+  another LR schedule.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -180,8 +182,94 @@ def model_differences(saved: dict, model) -> list[str]:
     return [f"{field}={old} vs {new}" for field, old, new in pairs if old != new]
 
 
-def check_run_folder(model, log, resume) -> Path | None:
-    """Refuse to resume a checkpoint of another model, in one line.
+def lr_schedule(optim: dict, end: int | None) -> tuple:
+    """(peak LR, minimum LR, warmup steps, the cosine's last step)."""
+    sched = optim.get("lr_scheduler") or {}
+    return (optim["config"]["lr"], sched.get("min_lr", optim["config"].get("min_lr")),
+            sched.get("warmup_steps"), end)
+
+
+def describe(schedule: tuple) -> str:
+    """A schedule as the console's optim line names it."""
+    lr, min_lr, warmup, end = schedule
+    return f"lr {lr:.4g}, warmup {warmup} steps, cosine to {min_lr:.4g} at step {end}"
+
+
+def decay_end(optim: dict, trainer_max_steps: int | None) -> int | None:
+    """The step a schedule's cosine ends at: its own ``max_steps`` for
+    :class:`~coom_nemo.recipe.FixedCosineAnnealingScheduler`, else
+    ``trainer.max_steps`` (NeMo's strategy sets it there,
+    megatron_strategy.py:513)."""
+    sched = optim.get("lr_scheduler") or {}
+    if str(sched.get("_target_", "")).endswith("FixedCosineAnnealingScheduler"):
+        return sched.get("max_steps")
+    return trainer_max_steps
+
+
+def saved_max_steps(checkpoint: Path) -> int | None:
+    """``trainer.max_steps`` of the run that wrote ``checkpoint``, read
+    from its ``context/io.json`` (fiddle's serialization) without
+    building it (NeMo's loader refuses to unpickle our callbacks)."""
+    import json
+
+    path = checkpoint / "context" / "io.json"
+    if not path.is_file():
+        return None
+
+    def leaves(node):
+        if isinstance(node, dict):
+            if node.get("type") == "leaf":
+                yield node
+            for value in node.values():
+                yield from leaves(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from leaves(value)
+
+    for leaf in leaves(json.loads(path.read_text()).get("objects", {})):
+        if "<root>.trainer.max_steps" in leaf.get("paths", ()):
+            return leaf.get("value")
+    return None
+
+
+def built_optim(optim) -> dict:
+    """A built ``MegatronOptimizerModule`` in model.yaml's form (the
+    fields :func:`lr_schedule` reads)."""
+    sched = getattr(optim, "lr_scheduler", None)
+    fields = ("warmup_steps", "min_lr", "max_steps")
+    return {"config": {"lr": optim.config.lr, "min_lr": optim.config.min_lr},
+            "lr_scheduler": None if sched is None else {
+                "_target_": f"{type(sched).__module__}.{type(sched).__qualname__}",
+                **{f: getattr(sched, f) for f in fields if hasattr(sched, f)}}}
+
+
+def check_schedule(saved: dict, checkpoint: Path, optim, trainer) -> None:
+    """Refuse, in one line, a resume whose LR schedule differs from the
+    checkpoint's: Lightning restores the scheduler's state, so the run
+    would go on with the old schedule while the console printed the new
+    one (megatron-core's own training refuses such a resume too,
+    optimizer_param_scheduler.py ``_check_and_set``)."""
+    if optim is None or trainer is None or not saved.get("optim"):
+        return
+    old_optim, new_optim = saved["optim"], built_optim(optim)
+    if not old_optim.get("config") or old_optim["config"].get("lr") is None:
+        return
+    old = lr_schedule(old_optim, decay_end(old_optim, saved_max_steps(checkpoint)))
+    new = lr_schedule(new_optim, decay_end(new_optim, trainer.max_steps))
+    if None in old or None in new:
+        return  # a schedule this check does not know
+    if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(old, new, strict=True)):
+        raise PlanError(
+            "optim.lr_scheduler", f"the run in {checkpoint.parent.parent} has {describe(old)} "
+            f"(checkpoint {checkpoint.name}), this launch {describe(new)}; a resumed run keeps "
+            "its checkpoint's "
+            "schedule", "launch it with that run's settings (--max-steps, --gbs, lr), or start "
+            "from its weights with restore_path in a new folder (--dir)")
+
+
+def check_run_folder(model, log, resume, optim=None, trainer=None) -> Path | None:
+    """Refuse to resume a checkpoint of another model, or with another
+    LR schedule, in one line.
 
     Returns the checkpoint a resume will start from (None: a new run).
     Runs before the trainer, logger or model is set up, so a refused
@@ -201,4 +289,5 @@ def check_run_folder(model, log, resume) -> Path | None:
             f"{checkpoint.name} vs this recipe: {', '.join(differences)})",
             "give this run another --dir or --name (name=, dir=), or start from that "
             "checkpoint's weights with restore_path in a new folder")
+    check_schedule(saved, checkpoint, optim or getattr(model, "optim", None), trainer)
     return checkpoint

@@ -169,3 +169,33 @@ def test_a_loss_spike_is_named():
     assert guard._judge(5.9) is None
     assert "loss 6.1 spiked above 3 x the mean 2 of the last 4 steps" == guard._judge(6.1)
     assert guard._judge(float("nan")) == "loss is nan"
+
+
+def test_a_resume_with_another_lr_schedule_is_refused_untouched(reference):
+    """Lightning restores the scheduler's state: resumed with another
+    GBS (whose LR the recipe scales), the run went on at the old
+    schedule's LR while the console printed the new one."""
+    before = snapshot(reference)
+    built = fdl.build(recipe(str(reference), STEPS + 1, global_batch_size=16))
+    with pytest.raises(PlanError) as error:
+        built()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("optim.lr_scheduler: the run in ")
+    assert "a resumed run keeps its checkpoint's schedule" in message
+    assert snapshot(reference) == before
+
+
+def test_schedules_end_where_nemo_ends_them():
+    """A plain cosine ends at ``trainer.max_steps`` (NeMo sets it at
+    setup): resuming a DeepSeek run with more steps changes where it
+    ends; the fixed one ends at its own step."""
+    from coom_nemo.resume import decay_end, describe, lr_schedule
+
+    plain = {"config": {"lr": 3e-3}, "lr_scheduler": {
+        "_target_": "nemo.collections.llm...CosineAnnealingScheduler", "max_steps": 10,
+        "warmup_steps": 5, "min_lr": 3e-4}}
+    fixed = {**plain, "lr_scheduler": {
+        **plain["lr_scheduler"], "_target_": "coom_nemo.recipe.FixedCosineAnnealingScheduler"}}
+    assert decay_end(plain, 6) == 6 and decay_end(fixed, 6) == 10
+    assert describe(lr_schedule(plain, decay_end(plain, 12))) == (
+        "lr 0.003, warmup 5 steps, cosine to 0.0003 at step 12")
