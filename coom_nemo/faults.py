@@ -17,6 +17,7 @@ raises :class:`InjectedFaultError`, ``kill`` sends itself SIGKILL
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
@@ -58,6 +59,11 @@ class EndJobOnError(pl.Callback):
         console.report(exception)  # one line naming the rank; traceback in the log
         sys.stdout.flush()
         sys.stderr.flush()
+        # os._exit skips the teardown that stops the checkpoint writer's
+        # worker processes: left alone they outlive the job (and their
+        # resource tracker with them)
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(1)
 
 

@@ -5,21 +5,46 @@ through torchrun."""
 import time
 
 import pytest
-from conftest import PYTHON, ROOT
+from conftest import _DISTRIBUTED_ENV, PYTHON, ROOT
 
 from coom_nemo.faults import parse_fault
 
 
-def test_a_raising_rank_ends_the_job_with_its_error(run_cmd, tmp_path):
+@pytest.mark.parametrize("step", [3, 10])
+def test_a_raising_rank_ends_the_job_with_its_error_and_leaves_no_process(step, tmp_path):
+    """At step 10 a checkpoint (step 8's) has started the checkpoint
+    writer's worker processes: they outlived the job (4, alive a
+    minute later) until the failing rank stopped them."""
+    import os
+    import subprocess
+
     started = time.time()
-    code, out = run_cmd([PYTHON, str(ROOT / "recipes" / "llama31_405b.py"), "--cpu", "--size",
-                         "debug", "--no-mlperf", "--gpus-per-node", "2", "--max-steps", "200",
-                         "--dir", str(tmp_path / "run")],
-                        env={"COOM_INJECT_FAULT": "raise@3:rank1"}, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    fault = f"raise@{step}:rank1"
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(
+            [PYTHON, str(ROOT / "recipes" / "llama31_405b.py"), "--cpu", "--size", "debug",
+             "--no-mlperf", "--gpus-per-node", "2", "--max-steps", "200", "--dir",
+             str(tmp_path / "run")], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+            env={**env, "PYTHONUNBUFFERED": "1", "COOM_INJECT_FAULT": fault},
+            start_new_session=True)
+        code = job.wait(timeout=300)
+    out = (tmp_path / "job.log").read_text()
     assert code != 0, out[-2000:]
-    assert ("error [rank 1]: InjectedFaultError: COOM_INJECT_FAULT=raise@3:rank1"
-            in out), out[-3000:]
+    assert f"error [rank 1]: InjectedFaultError: COOM_INJECT_FAULT={fault}" in out, out[-3000:]
     assert time.time() - started < 240
+    deadline = time.time() + 60
+    while (left := _session_processes(job.pid)) and time.time() < deadline:
+        time.sleep(1)
+    assert not left, left
+
+
+def _session_processes(session: int) -> list[str]:
+    import subprocess
+
+    listed = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)],
+                            capture_output=True, text=True).stdout
+    return [line.strip()[:160] for line in listed.splitlines() if line.strip()]
 
 
 def test_fault_requests_are_read_or_refused():
