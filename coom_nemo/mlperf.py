@@ -214,6 +214,21 @@ def run_seed(seed: int | None) -> int:
     return seed
 
 
+def resumed_seed(launch: dict, family: str) -> int | None:
+    """The seed of the run a launch resumes, from the newest complete
+    checkpoint in its folder (``<dir>/<name>/checkpoints``, where
+    :func:`coom_nemo.recipe.log_config` puts them; NeMoLogger's default
+    directory is ``./nemo_experiments``); None for a new run. A rerun
+    drawing a new seed would go on with another data order."""
+    from coom_nemo.resume import latest_checkpoint, saved_value
+
+    base = Path(launch.get("dir") or Path.cwd() / "nemo_experiments")
+    name = launch.get("name") or f"{family}_{launch['size']}"
+    checkpoint = latest_checkpoint(base / name / "checkpoints")
+    return None if checkpoint is None else saved_value(checkpoint,
+                                                       "<root>.trainer.strategy.seed")
+
+
 @dataclass(frozen=True)
 class BenchmarkPreset(Preset):
     """A preset whose optimizer and schedule follow benchmark rules."""
@@ -253,6 +268,8 @@ def benchmark_recipe(presets: dict[str, BenchmarkPreset], *, family: str, factor
     rules = preset.rules
     gbs = launch["global_batch_size"] or preset.global_batch_size
     target = rules.target_log_ppl if target_log_ppl is None else target_log_ppl
+    if mlperf and seed is None and save_checkpoints:
+        seed = resumed_seed(launch, family)  # a rerun goes on as the run it resumes
     seed = run_seed(seed) if mlperf else (1234 if seed is None else seed)
     preset = replace(preset, optim=rules.optim(gbs),
                      schedule=rules.schedule(gbs, launch["max_steps"]))

@@ -206,14 +206,15 @@ def decay_end(optim: dict, trainer_max_steps: int | None) -> int | None:
     return trainer_max_steps
 
 
-def saved_max_steps(checkpoint: Path) -> int | None:
-    """``trainer.max_steps`` of the run that wrote ``checkpoint``, read
-    from its ``context/io.json`` (fiddle's serialization) without
-    building it (NeMo's loader refuses to unpickle our callbacks)."""
+def saved_value(checkpoint: Path, path: str):
+    """The value at ``path`` (e.g. ``<root>.trainer.max_steps``) of the
+    run that wrote ``checkpoint``, read from its ``context/io.json``
+    (fiddle's serialization) without building it (NeMo's loader refuses
+    to unpickle our callbacks); None where it is not there."""
     import json
 
-    path = checkpoint / "context" / "io.json"
-    if not path.is_file():
+    io_json = checkpoint / "context" / "io.json"
+    if not io_json.is_file():
         return None
 
     def leaves(node):
@@ -226,10 +227,15 @@ def saved_max_steps(checkpoint: Path) -> int | None:
             for value in node:
                 yield from leaves(value)
 
-    for leaf in leaves(json.loads(path.read_text()).get("objects", {})):
-        if "<root>.trainer.max_steps" in leaf.get("paths", ()):
+    for leaf in leaves(json.loads(io_json.read_text()).get("objects", {})):
+        if path in leaf.get("paths", ()):
             return leaf.get("value")
     return None
+
+
+def saved_max_steps(checkpoint: Path) -> int | None:
+    """``trainer.max_steps`` of the run that wrote ``checkpoint``."""
+    return saved_value(checkpoint, "<root>.trainer.max_steps")
 
 
 def built_optim(optim) -> dict:

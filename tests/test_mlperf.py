@@ -237,3 +237,29 @@ def test_every_rank_of_a_launch_draws_the_same_seed(monkeypatch):
         seeds.add(run_seed(None))
     monkeypatch.setenv("MASTER_PORT", "29501")
     assert len(seeds) == 1 and run_seed(None) != seeds.pop()
+
+
+def test_a_rerun_with_checkpoints_keeps_the_seed_of_the_run_it_resumes(tmp_path):
+    """MLPerf mode draws a seed per launch: a rerun after a kill drew
+    another (904, then 10777), so the resumed steps went on with another
+    data order. The newest complete checkpoint's seed is kept."""
+    import json
+
+    from coom_nemo.recipes import llama31_405b
+
+    checkpoint = tmp_path / "llama31_debug" / "checkpoints" / "step=7-consumed_samples=64.0"
+    (checkpoint / "weights").mkdir(parents=True)
+    (checkpoint / "weights" / "metadata.json").write_text("{}")
+    (checkpoint / "context").mkdir()
+    leaf = {"type": "leaf", "value": 904, "paths": ["<root>.trainer.strategy.seed"]}
+    (checkpoint / "context" / "io.json").write_text(json.dumps(
+        {"objects": {"coom_megatron_strategy_1": {"items": [["Attr(name='seed')", leaf]]}}}))
+
+    def seed(**kwargs):
+        return llama31_405b.pretrain_recipe(size="debug", cpu=True, dir=str(tmp_path),
+                                            max_steps=12, **kwargs).trainer.strategy.seed
+
+    assert seed(save_checkpoints=True) == 904
+    assert seed(save_checkpoints=True, seed=5) == 5  # a seed given wins
+    checkpoint.with_name(checkpoint.name + "-unfinished").touch()  # incomplete: a new seed
+    assert {seed(save_checkpoints=True) for _ in range(3)} != {904}
