@@ -216,15 +216,17 @@ def run_seed(seed: int | None) -> int:
 
 def resumed_seed(launch: dict, family: str) -> int | None:
     """The seed of the run a launch resumes, from the newest complete
-    checkpoint in its folder (``<dir>/<name>/checkpoints``, where
-    :func:`coom_nemo.recipe.log_config` puts them; NeMoLogger's default
-    directory is ``./nemo_experiments``); None for a new run. A rerun
-    drawing a new seed would go on with another data order."""
-    from coom_nemo.resume import latest_checkpoint, saved_value
+    checkpoint in its run folder (the logger
+    :func:`coom_nemo.recipe.log_config` makes of ``dir`` and ``name``
+    writes there); None for a new run. A rerun drawing a new seed would
+    go on with another data order."""
+    from types import SimpleNamespace
 
-    base = Path(launch.get("dir") or Path.cwd() / "nemo_experiments")
-    name = launch.get("name") or f"{family}_{launch['size']}"
-    checkpoint = latest_checkpoint(base / name / "checkpoints")
+    from coom_nemo.resume import latest_checkpoint, run_folder, saved_value
+
+    log = SimpleNamespace(explicit_log_dir=None, version=None, log_dir=launch.get("dir"),
+                          name=launch.get("name") or f"{family}_{launch['size']}")
+    checkpoint = latest_checkpoint(run_folder(log) / "checkpoints")
     return None if checkpoint is None else saved_value(checkpoint,
                                                        "<root>.trainer.strategy.seed")
 

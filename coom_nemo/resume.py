@@ -268,9 +268,9 @@ def check_schedule(saved: dict, checkpoint: Path, optim, trainer) -> None:
         raise PlanError(
             "optim.lr_scheduler", f"the run in {checkpoint.parent.parent} has {describe(old)} "
             f"(checkpoint {checkpoint.name}), this launch {describe(new)}; a resumed run keeps "
-            "its checkpoint's "
-            "schedule", "launch it with that run's settings (--max-steps, --gbs, lr), or start "
-            "from its weights with restore_path in a new folder (--dir)")
+            "its checkpoint's schedule",
+            "launch it with that run's settings (--max-steps, --gbs, lr), or start from its "
+            "weights with restore_path in a new folder (--dir)")
 
 
 def check_run_folder(model, log, resume, optim=None, trainer=None) -> Path | None:

@@ -205,29 +205,29 @@ session_run() {  # session_run seconds te|no-te (what `session` starts)
   memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | tr -dc 0-9)
   ((${memory:-0} > 0 && memory < 100000)) && suffix=-80g
   note "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $memory MiB"
-  if [[ $with_te == no-te ]]; then  # a short lease: no TE to bring or build
+  local tests_timeout=$((budget * 9 / 20))  # a short lease (no-te): no TE to bring or build
+  if [[ $with_te == te ]]; then
+    note "test no-te (TE's parts arrive, then TE builds, beside it)"
+    { while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
+      start_te_build >> $session_dir/progress; } &
+    tests_timeout=420
+  else
     note "test no-te"
-    GPU_CHECK_TIMEOUT=$((budget * 9 / 20)) run_tests no-te > /dev/null 2>&1; note "rc=$?"
-    left=$((budget - ($(date +%s) - t0) - 15))
-    note "bench te-free$suffix, budget ${left}s"
-    ((left > 60)) && { run_bench te-free$suffix --steps 8 --budget "$left" > "$out/bench_te-free.txt" 2>&1; note "rc=$?"; }
-    note "done"; touch $session_dir/done; return 0
   fi
-  note "test no-te (TE's parts arrive, then TE builds, beside it)"
-  { while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
-    start_te_build >> $session_dir/progress; } &
-  GPU_CHECK_TIMEOUT=420 run_tests no-te > /dev/null 2>&1; note "rc=$?"
+  GPU_CHECK_TIMEOUT=$tests_timeout run_tests no-te > /dev/null 2>&1; note "rc=$?"
   wait
-  note "test te, bench nan beside it"
-  wait_for $te_dir/build_end 300 "TE's build" 2>> $session_dir/progress
-  tail -1 $te_dir/build.log >> $session_dir/progress 2>&1
-  run_bench nan --repeat 5 --steps 4 --warmup 1 > "$out/bench_nan.txt" 2>&1 &
-  GPU_CHECK_TIMEOUT=420 run_tests te > /dev/null 2>&1; rc=$?
-  wait; note "rc=$rc"
-  # the timings, each set alone on the GPU: TE first (FP8, MoE), then TE-free (TE hidden)
-  left=$(((budget - ($(date +%s) - t0) - 15) * 11 / 20))
-  note "bench te$suffix, budget ${left}s"
-  ((left > 60)) && { run_bench te$suffix --steps 8 --budget "$left" > "$out/bench_te.txt" 2>&1; note "rc=$?"; }
+  if [[ $with_te == te ]]; then
+    note "test te, bench nan beside it"
+    wait_for $te_dir/build_end 300 "TE's build" 2>> $session_dir/progress
+    tail -1 $te_dir/build.log >> $session_dir/progress 2>&1
+    run_bench nan --repeat 5 --steps 4 --warmup 1 > "$out/bench_nan.txt" 2>&1 &
+    GPU_CHECK_TIMEOUT=420 run_tests te > /dev/null 2>&1; rc=$?
+    wait; note "rc=$rc"
+    # the timings, each set alone on the GPU: TE first (FP8, MoE), then TE-free (TE hidden)
+    left=$(((budget - ($(date +%s) - t0) - 15) * 11 / 20))
+    note "bench te$suffix, budget ${left}s"
+    ((left > 60)) && { run_bench te$suffix --steps 8 --budget "$left" > "$out/bench_te.txt" 2>&1; note "rc=$?"; }
+  fi
   left=$((budget - ($(date +%s) - t0) - 15))
   note "bench te-free$suffix, budget ${left}s"
   ((left > 60)) && { run_bench te-free$suffix --steps 8 --budget "$left" > "$out/bench_te-free.txt" 2>&1; note "rc=$?"; }
