@@ -11,7 +11,7 @@ from nemo.collections import llm
 from coom_nemo import console
 from coom_nemo.guards import RunStoppedError, diverged_message
 from coom_nemo.plan import Plan, PlanOptions
-from coom_nemo.resume import check_run_folder, run_folder
+from coom_nemo.resume import check_run_folder, run_folder, steps_done
 
 
 def is_rank_zero() -> bool:
@@ -29,7 +29,8 @@ def pretrain(model, data, trainer, log=None, resume=None, optim=None,
     output to the run's log).
     """
     with console.session():
-        _check(model, data, trainer, optim, plan, log, resume)
+        if finished := _check(model, data, trainer, optim, plan, log, resume):
+            return finished
         return _train(llm.pretrain, model=model, data=data, trainer=trainer, log=log,
                       resume=resume, optim=optim)
 
@@ -39,16 +40,27 @@ def finetune(model, data, trainer, log=None, resume=None, optim=None,
     """``llm.finetune`` (full, or PEFT such as LoRA) behind the same
     checks as :func:`pretrain`."""
     with console.session():
-        _check(model, data, trainer, optim, plan, log, resume)
+        if finished := _check(model, data, trainer, optim, plan, log, resume):
+            return finished
         return _train(llm.finetune, model=model, data=data, trainer=trainer, log=log,
                       resume=resume, optim=optim, peft=peft)
 
 
-def _check(model, data, trainer, optim, plan, log, resume) -> None:
+def _check(model, data, trainer, optim, plan, log, resume) -> Path | None:
+    """The checks; the run folder when its run has already trained
+    ``trainer.max_steps`` steps (a rerun of a finished job: nothing to
+    do, said in one line), else None."""
     checked = Plan.from_parts(model, data, trainer, optim, plan).check()
-    check_run_folder(model, log, resume, optim, trainer)
+    checkpoint = check_run_folder(model, log, resume, optim, trainer)
+    finished = checkpoint is not None and steps_done(checkpoint) == trainer.max_steps
     if is_rank_zero():
-        console.plan_line(checked.summary_line(), repeat=False)
+        if finished:
+            console.info(f"the run in {checkpoint.parent.parent} has trained its "
+                         f"{trainer.max_steps} steps (checkpoint {checkpoint.name}): nothing to "
+                         "do; a larger --max-steps trains on")
+        else:
+            console.plan_line(checked.summary_line(), repeat=False)
+    return checkpoint.parent.parent if finished else None
 
 
 def _train(train, trainer, log, **kwargs):

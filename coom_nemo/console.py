@@ -253,7 +253,8 @@ atexit.register(stop)
 def session():
     """A run: quiet unless ``COOM_VERBOSE``, or as a script started it.
     An exception leaves one line on the console naming the rank, its
-    traceback in the log (on the console too when there is no log)."""
+    traceback in the log (on the console too when there is no log); a
+    :class:`~coom_nemo.plan.PlanError` only its line, once."""
     started = start(verbose_from_env() if not _state.active else None)
     try:
         yield
@@ -267,6 +268,13 @@ def session():
 
 
 def report(exc: BaseException) -> None:
+    from coom_nemo.plan import PlanError
+
+    if isinstance(exc, PlanError):  # a refusal before the run: its line says it all
+        _state.log(f"error: {exc}\n")
+        if os.environ.get("RANK", "0") == "0":
+            _state.show("err", f"error: {exc}\n")
+        return
     text = "".join(traceback.format_exception(exc))
     _state.log(text)
     if _state.verbose:

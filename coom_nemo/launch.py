@@ -261,8 +261,7 @@ def main(factory, default_size: str, argv=None) -> int:
                                      or recipe.trainer.devices == 1):
         try:
             run.run(recipe, name=name, dryrun=args.dryrun, direct=True)
-        except PlanError as error:  # the run-folder check (coom_nemo.api)
-            print(f"error: {error}", file=sys.stderr)
+        except PlanError:  # the run-folder check (coom_nemo.api); the console printed it
             return 2
         except RunStoppedError as error:  # a diverged loss (coom_nemo.guards)
             print(f"error: {error}", file=sys.stderr)

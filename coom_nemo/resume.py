@@ -7,7 +7,7 @@ folder.
   whatever its name; NeMo only looks at ``*-last`` ones.
 - :func:`check_run_folder` refuses, before anything is built or
   written, a run folder whose checkpoint holds another model or
-  another LR schedule.
+  another LR schedule, or is damaged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from nemo import lightning as nl
 
+from coom_nemo import console
 from coom_nemo.plan import PlanError
 
 UNFINISHED = "-unfinished"  # NeMo's marker suffix (model_checkpoint.py:75)
@@ -85,24 +86,99 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match[1]) if match else None
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint folder NeMo finished writing: its ``-unfinished``
-    marker (set before the first byte, removed after the last,
-    model_checkpoint.py:584,672) is gone and its metadata is there."""
-    if Path(f"{path}{UNFINISHED}").exists():
-        return False
-    weights = path / "weights" if (path / "weights").is_dir() else path
-    return (weights / "metadata.json").is_file()
+def steps_done(checkpoint: Path) -> int:
+    """Steps trained when ``checkpoint`` was saved: its name counts
+    from 0 (``step=15`` ends a 16-step run)."""
+    return checkpoint_step(checkpoint) + 1
+
+
+def is_finished(path: Path) -> bool:
+    """NeMo finished writing ``path``: its ``-unfinished`` marker (set
+    before the first byte, removed after the last,
+    model_checkpoint.py:584,672) is gone."""
+    return not Path(f"{path}{UNFINISHED}").exists()
+
+
+def weights_dir(path: Path) -> Path:
+    return path / "weights" if (path / "weights").is_dir() else path
+
+
+def damage(path: Path) -> str | None:
+    """Why a finished checkpoint cannot be loaded (a file missing or
+    cut short after NeMo finished it: a copy, a disk), or None.
+
+    Checks what megatron-core's loader reads first, without loading
+    a tensor: ``metadata.json``, the ``torch_dist`` index
+    (``.metadata``, through torch's own reader), each data file at
+    least as long as the index says, and ``common.pt`` a whole zip
+    archive (torch.save's format; its directory is at the end).
+    """
+    import json
+    import zipfile
+
+    weights = weights_dir(path)
+    where = weights.relative_to(path.parent)
+    try:
+        backend = json.loads((weights / "metadata.json").read_text()).get("sharded_backend")
+    except (OSError, ValueError) as error:
+        return f"{where}/metadata.json cannot be read ({type(error).__name__})"
+    if backend != "torch_dist":
+        return None  # a format this check does not know
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        index = FileSystemReader(str(weights)).read_metadata()
+    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways
+        return f"{where}/.metadata cannot be read ({type(error).__name__})"
+    needed: dict[str, int] = {}
+    for item in index.storage_data.values():
+        end = item.offset + item.length
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = weights / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual is None or actual < size:
+            found = "missing" if actual is None else f"{actual} bytes"
+            return f"{where}/{name} is {found}, its index (.metadata) needs {size} bytes"
+    if not zipfile.is_zipfile(weights / "common.pt"):
+        return f"{where}/common.pt is missing or cut short"
+    return None
+
+
+def resume_point(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint a resume starts from (None: there is none), and
+    why each damaged copy of its step was passed over.
+
+    The newest step's complete checkpoint, ``-last`` first. One with
+    NeMo's ``-unfinished`` marker is skipped (a process died writing it;
+    the step before is resumed). A finished one that is damaged is
+    skipped only for another whole copy of its step; else
+    :class:`PlanError`: resuming from an older step would train over it
+    and let the top-k cleanup delete it.
+    """
+    if not checkpoint_dir.is_dir():
+        return None, []
+    found = sorted(((checkpoint_step(p), p.name.endswith("-last"), p)
+                    for p in checkpoint_dir.iterdir()
+                    if p.is_dir() and checkpoint_step(p) is not None and is_finished(p)),
+                   reverse=True)
+    if not found:
+        return None, []
+    newest = [path for step, _, path in found if step == found[0][0]]
+    damaged = {path: reason for path in newest if (reason := damage(path))}
+    intact = [path for path in newest if path not in damaged]
+    if intact:
+        return intact[0], list(damaged.values())
+    older = next((path for step, _, path in found if step < found[0][0]), None)
+    instead = f", or move them out of {checkpoint_dir} to resume from {older.name}" if older \
+        else ""
+    raise PlanError("resume", f"the newest checkpoint of {checkpoint_dir} is damaged: "
+                    + "; ".join(damaged.values()), f"restore it from a copy{instead}")
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The complete checkpoint of the highest step in
-    ``checkpoint_dir`` (``-last`` or not), or None."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = [(checkpoint_step(p), p.name.endswith("-last"), p) for p in checkpoint_dir.iterdir()
-             if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
-    return max(found)[2] if found else None
+    """:func:`resume_point`'s checkpoint."""
+    return resume_point(checkpoint_dir)[0]
 
 
 @dataclass(kw_only=True)
@@ -274,8 +350,8 @@ def check_schedule(saved: dict, checkpoint: Path, optim, trainer) -> None:
 
 
 def check_run_folder(model, log, resume, optim=None, trainer=None) -> Path | None:
-    """Refuse to resume a checkpoint of another model, or with another
-    LR schedule, in one line.
+    """Refuse to resume a checkpoint of another model, with another LR
+    schedule, or with fewer steps than it has trained, in one line.
 
     Returns the checkpoint a resume will start from (None: a new run).
     Runs before the trainer, logger or model is set up, so a refused
@@ -284,16 +360,25 @@ def check_run_folder(model, log, resume, optim=None, trainer=None) -> Path | Non
     if resume is None or not resume.resume_if_exists or resume.resume_from_path:
         return None
     directory = checkpoint_dir(log, resume)
-    checkpoint = latest_checkpoint(directory) if directory else None
-    saved = saved_model(checkpoint) if checkpoint else None
-    if saved is None:
-        return checkpoint
-    differences = model_differences(saved, model)
+    checkpoint, passed_over = resume_point(directory) if directory else (None, [])
+    if checkpoint is None:
+        return None
+    for reason in passed_over:
+        console.warn(f"{reason}; resuming from {checkpoint.name}, the same step")
+    saved = saved_model(checkpoint)
+    differences = model_differences(saved, model) if saved else []
     if differences:
         raise PlanError(
             "log.log_dir", f"{directory.parent} holds a run of another model (checkpoint "
             f"{checkpoint.name} vs this recipe: {', '.join(differences)})",
             "give this run another --dir or --name (name=, dir=), or start from that "
             "checkpoint's weights with restore_path in a new folder")
-    check_schedule(saved, checkpoint, optim or getattr(model, "optim", None), trainer)
+    done = steps_done(checkpoint)
+    if trainer is not None and trainer.max_steps is not None and 0 < trainer.max_steps < done:
+        raise PlanError(
+            "trainer.max_steps", f"{trainer.max_steps} is below the {done} steps the run in "
+            f"{directory.parent} has trained (checkpoint {checkpoint.name})",
+            f"give --max-steps above {done} to train on, or another --dir for a new run")
+    if saved:
+        check_schedule(saved, checkpoint, optim or getattr(model, "optim", None), trainer)
     return checkpoint

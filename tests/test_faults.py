@@ -13,6 +13,7 @@ D  in-process: resumes from step 16, trains to 24
 """
 
 import os
+import re
 import signal
 import subprocess
 from collections import defaultdict
@@ -199,3 +200,84 @@ def test_schedules_end_where_nemo_ends_them():
     assert decay_end(plain, 6) == 6 and decay_end(fixed, 6) == 10
     assert describe(lr_schedule(plain, decay_end(plain, 12))) == (
         "lr 0.003, warmup 5 steps, cosine to 0.0003 at step 12")
+
+
+def damaged_copy(reference, tmp_path, *damages) -> Path:
+    """The reference folder copied, each newest-step checkpoint
+    (``-last`` and periodic, in that order) given one damage."""
+    import shutil
+
+    directory = tmp_path / "run"
+    shutil.copytree(reference, directory)
+    folder = directory / "llama31_debug" / "checkpoints"
+    newest = [folder / "step=23-consumed_samples=192.0-last",
+              folder / "step=23-consumed_samples=192.0"]
+    for path, kind in zip(newest, damages, strict=False):
+        weights = path / "weights"
+        if kind == "cut":
+            os.truncate(weights / "__0_1.distcp", (weights / "__0_1.distcp").stat().st_size - 1)
+        elif kind == "cut common":
+            os.truncate(weights / "common.pt", 100)
+        else:  # "no <file>"
+            (weights / kind.removeprefix("no ")).unlink()
+    return directory
+
+
+@pytest.mark.parametrize("damages,named", [
+    (("cut", "cut"), r"__0_1\.distcp is \d+ bytes, its index \(\.metadata\) needs \d+ bytes"),
+    (("no metadata.json",) * 2, r"metadata\.json cannot be read"),
+    (("no .metadata", "no .metadata"), r"\.metadata cannot be read"),
+    (("no __0_0.distcp", "cut common"), r"__0_0\.distcp is missing.*common\.pt is missing or cut"),
+])
+def test_a_damaged_newest_step_is_refused_untouched(reference, tmp_path, damages, named):
+    """A finished checkpoint whose files were lost or cut short later
+    (a copy, a disk): a resume from the step before would train over it
+    and the top-k cleanup would delete it. One line, nothing written."""
+    directory = damaged_copy(reference, tmp_path, *damages)
+    before = snapshot(directory)
+    built = fdl.build(recipe(str(directory), STEPS + 4))
+    with pytest.raises(PlanError) as error:
+        built()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("resume: the newest checkpoint of ")
+    assert re.search(named, message), message
+    assert message.endswith("to resume from step=15-consumed_samples=128.0")
+    assert snapshot(directory) == before
+
+
+def test_a_damaged_last_checkpoint_is_passed_over_for_its_periodic_twin(reference, tmp_path):
+    from coom_nemo.resume import resume_point
+
+    directory = damaged_copy(reference, tmp_path, "cut")
+    checkpoint, passed_over = resume_point(directory / "llama31_debug" / "checkpoints")
+    assert checkpoint.name == "step=23-consumed_samples=192.0"
+    assert len(passed_over) == 1 and passed_over[0].startswith(
+        "step=23-consumed_samples=192.0-last/weights/__0_1.distcp is ")
+    checkpoint, passed_over = resume_point(reference / "llama31_debug" / "checkpoints")
+    assert checkpoint.name == "step=23-consumed_samples=192.0-last" and passed_over == []
+
+
+def test_fewer_steps_than_trained_is_refused_and_as_many_is_nothing_to_do(reference):
+    before = snapshot(reference)
+    with pytest.raises(PlanError, match=r"^trainer\.max_steps: 20 is below the 24 steps the run "
+                       r"in .* has trained \(checkpoint step=23-consumed_samples=192\.0-last\); "
+                       r"give --max-steps above 24"):
+        fdl.build(recipe(str(reference), STEPS - 4))()
+    assert fdl.build(recipe(str(reference), STEPS))() == reference / "llama31_debug"
+    assert snapshot(reference) == before
+
+
+def test_a_refused_resume_is_one_line_on_the_console(reference):
+    """The run-folder check fails inside the run's console session: its
+    line once, no traceback (the launcher used to repeat it, after the
+    session's traceback)."""
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    result = subprocess.run(
+        [PYTHON, str(HERE.parent / "recipes" / "llama31_405b.py"), "--size", "debug", "--cpu",
+         "--no-mlperf", "--max-steps", "20", "--dir", str(reference)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [errors[0]] and errors[0].startswith("error: trainer.max_steps: 20 is "), (
+        result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
