@@ -264,12 +264,16 @@ def _precision(config) -> str:
 
 
 def _optim_line(optim) -> str:
+    """The optimizer as the run-folder check names its schedule
+    (:func:`coom_nemo.resume.describe`)."""
+    from coom_nemo.resume import built_optim, describe, lr_schedule
+
     cfg, sched = optim.config, getattr(optim, "lr_scheduler", None)
-    line = f"optim: {cfg.optimizer} lr {cfg.lr:.3g}"
+    what = f"lr {cfg.lr:.4g}"
     if sched is not None and hasattr(sched, "warmup_steps"):
-        line += (f", warmup {sched.warmup_steps} steps, cosine to "
-                 f"{getattr(sched, 'min_lr', cfg.min_lr):.3g} at step {sched.max_steps}")
-    return line + f" | weight decay {cfg.weight_decay} | clip {cfg.clip_grad}"
+        what = describe(lr_schedule(built_optim(optim), sched.max_steps))
+    return (f"optim: {cfg.optimizer} {what} | weight decay {cfg.weight_decay} | "
+            f"clip {cfg.clip_grad}")
 
 
 def _data_line(data) -> str:

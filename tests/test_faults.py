@@ -202,6 +202,14 @@ def test_schedules_end_where_nemo_ends_them():
         "lr 0.003, warmup 5 steps, cosine to 0.0003 at step 12")
 
 
+def test_the_console_names_the_schedule_as_the_refusal_does():
+    from coom_nemo.callbacks import _optim_line
+
+    optim = fdl.build(recipe("unused", STEPS).optim)
+    assert _optim_line(optim) == ("optim: adam lr 0.003, warmup 5 steps, cosine to 3e-05 at step "
+                                  "64 | weight decay 0.1 | clip 1.0")
+
+
 def damaged_copy(reference, tmp_path, *damages) -> Path:
     """The reference folder copied, each newest-step checkpoint
     (``-last`` and periodic, in that order) given one damage."""
