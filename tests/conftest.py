@@ -23,12 +23,17 @@ _DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_S
                     "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
+def child_env(**extra) -> dict:
+    """This process's environment for a child run, less the
+    distributed variables, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items()
+               if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}, **extra}
+
+
 def run_process(args, cwd, timeout=600, env=None, merge=False):
     """Run a command; return (returncode, stdout+stderr), or with
     ``merge`` the two interleaved as a terminal shows them."""
-    inherited = {k: v for k, v in os.environ.items()
-                 if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
-    merged = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    merged = child_env(PYTHONUNBUFFERED="1", **(env or {}))
     done = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
                           timeout=timeout, env=merged)

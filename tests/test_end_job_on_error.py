@@ -5,7 +5,7 @@ through torchrun."""
 import time
 
 import pytest
-from conftest import _DISTRIBUTED_ENV, PYTHON, ROOT
+from conftest import PYTHON, ROOT, child_env
 
 from coom_nemo.faults import parse_fault
 
@@ -15,18 +15,16 @@ def test_a_raising_rank_ends_the_job_with_its_error_and_leaves_no_process(step, 
     """At step 10 a checkpoint (step 8's) has started the checkpoint
     writer's worker processes: they outlived the job (4, alive a
     minute later) until the failing rank stopped them."""
-    import os
     import subprocess
 
     started = time.time()
-    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
     fault = f"raise@{step}:rank1"
     with open(tmp_path / "job.log", "w") as log:
         job = subprocess.Popen(
             [PYTHON, str(ROOT / "recipes" / "llama31_405b.py"), "--cpu", "--size", "debug",
              "--no-mlperf", "--gpus-per-node", "2", "--max-steps", "200", "--dir",
              str(tmp_path / "run")], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-            env={**env, "PYTHONUNBUFFERED": "1", "COOM_INJECT_FAULT": fault},
+            env=child_env(PYTHONUNBUFFERED="1", COOM_INJECT_FAULT=fault),
             start_new_session=True)
         code = job.wait(timeout=300)
     out = (tmp_path / "job.log").read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import fiddle as fdl
 import pytest
-from conftest import _DISTRIBUTED_ENV, PYTHON
+from conftest import PYTHON, child_env
 from fault_run import recipe
 
 from coom_nemo.guards import RunGuard, RunStoppedError
@@ -39,7 +39,7 @@ def train(directory, max_steps=STEPS, fault="none", step=0, **kwargs):
 def train_until_killed(directory, fault: str, step: int) -> int:
     """A run in its own process group, killed by its fault; its helper
     processes (checkpoint writers) go with it."""
-    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    env = child_env()
     with open(Path(directory) / f"{fault}.log", "w") as log:
         process = subprocess.Popen(
             [PYTHON, str(HERE / "fault_run.py"), str(directory), str(STEPS), fault, str(step)],
@@ -279,7 +279,7 @@ def test_a_refused_resume_is_one_line_on_the_console(reference):
     """The run-folder check fails inside the run's console session: its
     line once, no traceback (the launcher used to repeat it, after the
     session's traceback)."""
-    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    env = child_env()
     result = subprocess.run(
         [PYTHON, str(HERE.parent / "recipes" / "llama31_405b.py"), "--size", "debug", "--cpu",
          "--no-mlperf", "--max-steps", "20", "--dir", str(reference)],
