@@ -11,7 +11,7 @@ from nemo.collections import llm
 from coom_nemo import console
 from coom_nemo.guards import RunStoppedError, diverged_message
 from coom_nemo.plan import Plan, PlanOptions
-from coom_nemo.resume import check_run_folder, run_folder, steps_done
+from coom_nemo.resume import check_run_folder, how_to_train_on, run_folder, steps_done
 
 
 def is_rank_zero() -> bool:
@@ -57,7 +57,7 @@ def _check(model, data, trainer, optim, plan, log, resume) -> Path | None:
         if finished:
             console.info(f"the run in {checkpoint.parent.parent} has trained its "
                          f"{trainer.max_steps} steps (checkpoint {checkpoint.name}): nothing to "
-                         "do; a larger --max-steps trains on")
+                         f"train; {how_to_train_on(checkpoint)}")
         else:
             console.plan_line(checked.summary_line(), repeat=False)
     return checkpoint.parent.parent if finished else None

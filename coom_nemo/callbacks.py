@@ -3,6 +3,7 @@ checkpoints that say where they went."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -177,6 +178,27 @@ class ModelCheckpoint(nl.ModelCheckpoint):
     """
 
     _reported_step = None
+
+    def nemo_topk_check_previous_run(self):
+        """The top-k of an earlier run's checkpoints, scored from each
+        folder's own name: NeMo's scan looks for the monitor anywhere in
+        the path (model_checkpoint.py:235), so a ``--dir`` or ``--name``
+        holding "step" failed the resume (``float('')``) or scored every
+        checkpoint alike, and the cleanup kept the wrong ones."""
+        pattern = re.compile(rf"(?:^|-){re.escape(self.monitor)}=(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+        scores = {}
+        for path in self._saved_checkpoint_paths:
+            match = pattern.search(Path(path).name)
+            if match and not Path(path).name.endswith("-last"):
+                scores[str(path)] = float(match[1])
+        ranked = sorted(scores, key=scores.get, reverse=self.mode != "min")
+        for path in ranked[max(self.save_top_k, 0):]:
+            self._del_model_without_trainer(path)
+        kept = ranked[:max(self.save_top_k, 0)]
+        self.best_k_models = {path: scores[path] for path in kept}
+        self.kth_best_model_path = kept[-1] if kept else ""
+        self.best_model_path = kept[0] if kept else ""
+        self.best_model_score = scores[kept[0]] if kept else None
 
     def _get_finalize_save_checkpoint_callback(self, trainer, filepath, global_step):
         finalize = super()._get_finalize_save_checkpoint_callback(trainer, filepath,

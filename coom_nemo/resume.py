@@ -104,25 +104,51 @@ def weights_dir(path: Path) -> Path:
 
 
 def damage(path: Path) -> str | None:
-    """Why a finished checkpoint cannot be loaded (a file missing or
-    cut short after NeMo finished it: a copy, a disk), or None.
+    """Why a finished checkpoint cannot be resumed from (a file missing
+    or cut short after NeMo finished it: a copy, a disk), or None.
 
-    Checks what megatron-core's loader reads first, without loading
-    a tensor: ``metadata.json``, the ``torch_dist`` index
-    (``.metadata``, through torch's own reader), each data file at
-    least as long as the index says, and ``common.pt`` a whole zip
-    archive (torch.save's format; its directory is at the end).
+    Checks, without loading a tensor, what the resume reads: the
+    weights (:func:`weights_damage`) and the context NeMo writes before
+    it removes the ``-unfinished`` marker (model_checkpoint.py:638),
+    whose ``model.yaml`` and ``io.json`` the run-folder checks and
+    MLPerf's seed come from. Flipped bytes of an intact length pass:
+    ``torch_dist`` keeps no checksums.
     """
+    import json
+
+    import yaml
+
+    context = path / "context"
+    try:
+        model = yaml.safe_load((context / "model.yaml").read_text())
+        io = json.loads((context / "io.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        return f"{path.name}/context cannot be read ({type(error).__name__})"
+    if not (isinstance(model, dict) and isinstance(model.get("config"), dict)
+            and isinstance(io, dict)):
+        return f"{path.name}/context holds no model (model.yaml) or no objects (io.json)"
+    return weights_damage(path)
+
+
+def weights_damage(path: Path) -> str | None:
+    """Why a checkpoint's weights cannot be loaded, or None: checks
+    what megatron-core's loader reads first: ``metadata.json``, the
+    ``torch_dist`` index (``.metadata``, through torch's own reader),
+    each data file at least as long as the index says, and
+    ``common.pt`` a whole zip archive (torch.save's format; its
+    directory is at the end)."""
     import json
     import zipfile
 
     weights = weights_dir(path)
     where = weights.relative_to(path.parent)
     try:
-        backend = json.loads((weights / "metadata.json").read_text()).get("sharded_backend")
+        metadata = json.loads((weights / "metadata.json").read_text())
     except (OSError, ValueError) as error:
         return f"{where}/metadata.json cannot be read ({type(error).__name__})"
-    if backend != "torch_dist":
+    if not isinstance(metadata, dict):
+        return f"{where}/metadata.json is not a checkpoint's metadata"
+    if metadata.get("sharded_backend") != "torch_dist":
         return None  # a format this check does not know
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -160,7 +186,8 @@ def resume_point(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
         return None, []
     found = sorted(((checkpoint_step(p), p.name.endswith("-last"), p)
                     for p in checkpoint_dir.iterdir()
-                    if p.is_dir() and checkpoint_step(p) is not None and is_finished(p)),
+                    if p.is_dir() and checkpoint_step(p) is not None
+                    and not p.name.endswith(UNFINISHED) and is_finished(p)),
                    reverse=True)
     if not found:
         return None, []
@@ -349,6 +376,18 @@ def check_schedule(saved: dict, checkpoint: Path, optim, trainer) -> None:
             "weights with restore_path in a new folder (--dir)")
 
 
+def how_to_train_on(checkpoint: Path) -> str:
+    """How to train a finished run further: a larger ``--max-steps``
+    where its LR schedule ends at a step of its own, else from its
+    weights in a new folder (a cosine ending at ``trainer.max_steps``
+    would change: :func:`check_schedule` refuses that)."""
+    optim = (saved_model(checkpoint) or {}).get("optim") or {}
+    if decay_end(optim, None) is not None:
+        return f"--max-steps above {steps_done(checkpoint)} trains on"
+    return ("its LR schedule ends at its max_steps: to train longer, start from its weights with "
+            "restore_path in a new --dir")
+
+
 def check_run_folder(model, log, resume, optim=None, trainer=None) -> Path | None:
     """Refuse to resume a checkpoint of another model, with another LR
     schedule, or with fewer steps than it has trained, in one line.
@@ -378,7 +417,7 @@ def check_run_folder(model, log, resume, optim=None, trainer=None) -> Path | Non
         raise PlanError(
             "trainer.max_steps", f"{trainer.max_steps} is below the {done} steps the run in "
             f"{directory.parent} has trained (checkpoint {checkpoint.name})",
-            f"give --max-steps above {done} to train on, or another --dir for a new run")
+            f"{how_to_train_on(checkpoint)}; or another --dir for a new run")
     if saved:
         check_schedule(saved, checkpoint, optim or getattr(model, "optim", None), trainer)
     return checkpoint

@@ -14,6 +14,7 @@ D  in-process: resumes from step 16, trains to 24
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections import defaultdict
@@ -213,8 +214,6 @@ def test_the_console_names_the_schedule_as_the_refusal_does():
 def damaged_copy(reference, tmp_path, *damages) -> Path:
     """The reference folder copied, each newest-step checkpoint
     (``-last`` and periodic, in that order) given one damage."""
-    import shutil
-
     directory = tmp_path / "run"
     shutil.copytree(reference, directory)
     folder = directory / "llama31_debug" / "checkpoints"
@@ -226,6 +225,12 @@ def damaged_copy(reference, tmp_path, *damages) -> Path:
             os.truncate(weights / "__0_1.distcp", (weights / "__0_1.distcp").stat().st_size - 1)
         elif kind == "cut common":
             os.truncate(weights / "common.pt", 100)
+        elif kind == "cut io.json":
+            os.truncate(path / "context" / "io.json", 2000)
+        elif kind == "no context":
+            shutil.rmtree(path / "context")
+        elif kind == "null metadata.json":
+            (weights / "metadata.json").write_text("null")
         else:  # "no <file>"
             (weights / kind.removeprefix("no ")).unlink()
     return directory
@@ -236,6 +241,10 @@ def damaged_copy(reference, tmp_path, *damages) -> Path:
     (("no metadata.json",) * 2, r"metadata\.json cannot be read"),
     (("no .metadata", "no .metadata"), r"\.metadata cannot be read"),
     (("no __0_0.distcp", "cut common"), r"__0_0\.distcp is missing.*common\.pt is missing or cut"),
+    # the context: what the run-folder checks and MLPerf's seed read
+    (("cut io.json", "no context"), r"-last/context cannot be read \(JSONDecodeError\); "
+     r"step=23-consumed_samples=192\.0/context cannot be read \(FileNotFoundError\)"),
+    (("null metadata.json",) * 2, r"metadata\.json is not a checkpoint's metadata"),
 ])
 def test_a_damaged_newest_step_is_refused_untouched(reference, tmp_path, damages, named):
     """A finished checkpoint whose files were lost or cut short later
@@ -265,11 +274,38 @@ def test_a_damaged_last_checkpoint_is_passed_over_for_its_periodic_twin(referenc
     assert checkpoint.name == "step=23-consumed_samples=192.0-last" and passed_over == []
 
 
+def test_a_folder_named_like_a_marker_is_no_checkpoint(reference, tmp_path):
+    from coom_nemo.resume import resume_point
+
+    directory = damaged_copy(reference, tmp_path)
+    folder = directory / "llama31_debug" / "checkpoints"
+    (folder / "step=31-consumed_samples=256.0-last-unfinished").mkdir()
+    assert resume_point(folder) == (folder / "step=23-consumed_samples=192.0-last", [])
+
+
+def test_the_way_to_train_on_follows_the_schedule(reference, tmp_path):
+    """A larger --max-steps extends a run whose cosine ends at a step of
+    its own (Llama); where it ends at max_steps (DeepSeek), the
+    schedule check refuses that, so the hint names restore_path."""
+    from coom_nemo.resume import how_to_train_on
+
+    directory = damaged_copy(reference, tmp_path)
+    checkpoint = directory / "llama31_debug" / "checkpoints" / "step=23-consumed_samples=192.0"
+    assert how_to_train_on(checkpoint) == "--max-steps above 24 trains on"
+    model_yaml = checkpoint / "context" / "model.yaml"
+    model_yaml.write_text(model_yaml.read_text().replace(
+        "coom_nemo.recipe.FixedCosineAnnealingScheduler",
+        "nemo.lightning.pytorch.optim.lr_scheduler.CosineAnnealingScheduler"))
+    assert how_to_train_on(checkpoint).startswith("its LR schedule ends at its max_steps: to "
+                                                  "train longer, start from its weights with "
+                                                  "restore_path in a new --dir")
+
+
 def test_fewer_steps_than_trained_is_refused_and_as_many_is_nothing_to_do(reference):
     before = snapshot(reference)
     with pytest.raises(PlanError, match=r"^trainer\.max_steps: 20 is below the 24 steps the run "
                        r"in .* has trained \(checkpoint step=23-consumed_samples=192\.0-last\); "
-                       r"give --max-steps above 24"):
+                       r"--max-steps above 24 trains on; or another --dir for a new run$"):
         fdl.build(recipe(str(reference), STEPS - 4))()
     assert fdl.build(recipe(str(reference), STEPS))() == reference / "llama31_debug"
     assert snapshot(reference) == before
@@ -289,3 +325,17 @@ def test_a_refused_resume_is_one_line_on_the_console(reference):
     assert errors == [errors[0]] and errors[0].startswith("error: trainer.max_steps: 20 is "), (
         result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_run_folder_whose_path_holds_step_resumes(reference, tmp_path):
+    """NeMo's top-k scan looked for "step" anywhere in the path: under
+    ``--dir .../stepwise`` every resume failed with float('')."""
+    import shutil
+
+    directory = tmp_path / "stepwise"
+    shutil.copytree(reference, directory)
+    train(directory, max_steps=STEPS + 8)
+    # as a plain folder: the top 2 by step, and each run's -last
+    assert checkpoints(directory) == [
+        "step=23-consumed_samples=192.0", "step=23-consumed_samples=192.0-last",
+        "step=31-consumed_samples=256.0", "step=31-consumed_samples=256.0-last"]
