@@ -251,6 +251,7 @@ def test_a_rerun_with_checkpoints_keeps_the_seed_of_the_run_it_resumes(tmp_path)
     (checkpoint / "weights").mkdir(parents=True)
     (checkpoint / "weights" / "metadata.json").write_text("{}")
     (checkpoint / "context").mkdir()
+    (checkpoint / "context" / "model.yaml").write_text("config: {}\n")
     leaf = {"type": "leaf", "value": 904, "paths": ["<root>.trainer.strategy.seed"]}
     (checkpoint / "context" / "io.json").write_text(json.dumps(
         {"objects": {"coom_megatron_strategy_1": {"items": [["Attr(name='seed')", leaf]]}}}))
