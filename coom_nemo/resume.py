@@ -103,7 +103,7 @@ def weights_dir(path: Path) -> Path:
     return path / "weights" if (path / "weights").is_dir() else path
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, with_context: bool = True) -> str | None:
     """Why a finished checkpoint cannot be resumed from (a file missing
     or cut short after NeMo finished it: a copy, a disk), or None.
 
@@ -111,13 +111,16 @@ def damage(path: Path) -> str | None:
     weights (:func:`weights_damage`) and the context NeMo writes before
     it removes the ``-unfinished`` marker (model_checkpoint.py:638),
     whose ``model.yaml`` and ``io.json`` the run-folder checks and
-    MLPerf's seed come from. Flipped bytes of an intact length pass:
-    ``torch_dist`` keeps no checksums.
+    MLPerf's seed come from (``with_context`` False: a run that writes
+    none, ``always_save_context=False``). Flipped bytes of an intact
+    length pass: ``torch_dist`` keeps no checksums.
     """
     import json
 
     import yaml
 
+    if not with_context:
+        return weights_damage(path)
     context = path / "context"
     try:
         model = yaml.safe_load((context / "model.yaml").read_text())
@@ -192,7 +195,9 @@ def resume_point(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
     if not found:
         return None, []
     newest = [path for step, _, path in found if step == found[0][0]]
-    damaged = {path: reason for path in newest if (reason := damage(path))}
+    # a run whose checkpoints have no context writes none
+    with_context = any((path / "context").is_dir() for _, _, path in found)
+    damaged = {path: reason for path in newest if (reason := damage(path, with_context))}
     intact = [path for path in newest if path not in damaged]
     if intact:
         return intact[0], list(damaged.values())

@@ -339,3 +339,16 @@ def test_a_run_folder_whose_path_holds_step_resumes(reference, tmp_path):
     assert checkpoints(directory) == [
         "step=23-consumed_samples=192.0", "step=23-consumed_samples=192.0-last",
         "step=31-consumed_samples=256.0", "step=31-consumed_samples=256.0-last"]
+
+
+def test_a_run_that_writes_no_context_resumes(reference, tmp_path):
+    """``always_save_context=False``: no checkpoint has a context, and
+    none is damaged for that (one without it among others that have it
+    is: test_a_damaged_newest_step_is_refused_untouched)."""
+    from coom_nemo.resume import resume_point
+
+    directory = damaged_copy(reference, tmp_path)
+    folder = directory / "llama31_debug" / "checkpoints"
+    for context in folder.glob("*/context"):
+        shutil.rmtree(context)
+    assert resume_point(folder) == (folder / "step=23-consumed_samples=192.0-last", [])
