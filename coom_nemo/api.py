@@ -3,7 +3,6 @@ NeMo's, with a clean end on SIGTERM and one line on divergence."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nemo.collections import llm
@@ -12,10 +11,6 @@ from coom_nemo import console
 from coom_nemo.guards import RunStoppedError, diverged_message
 from coom_nemo.plan import Plan, PlanOptions
 from coom_nemo.resume import check_run_folder, how_to_train_on, run_folder, steps_done
-
-
-def is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def pretrain(model, data, trainer, log=None, resume=None, optim=None,
@@ -53,7 +48,7 @@ def _check(model, data, trainer, optim, plan, log, resume) -> Path | None:
     checked = Plan.from_parts(model, data, trainer, optim, plan).check()
     checkpoint = check_run_folder(model, log, resume, optim, trainer)
     finished = checkpoint is not None and steps_done(checkpoint) == trainer.max_steps
-    if is_rank_zero():
+    if console.is_rank_zero():
         if finished:
             console.info(f"the run in {checkpoint.parent.parent} has trained its "
                          f"{trainer.max_steps} steps (checkpoint {checkpoint.name}): nothing to "

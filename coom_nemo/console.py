@@ -267,12 +267,18 @@ def session():
             stop()
 
 
+def is_rank_zero() -> bool:
+    """This process is the job's first (torchrun's ``RANK`` and
+    ``LOCAL_RANK``; a process without them is)."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def report(exc: BaseException) -> None:
     from coom_nemo.plan import PlanError
 
     if isinstance(exc, PlanError):  # a refusal before the run: its line says it all
         _state.log(f"error: {exc}\n")
-        if os.environ.get("RANK", "0") == "0":
+        if is_rank_zero():
             _state.show("err", f"error: {exc}\n")
         return
     text = "".join(traceback.format_exception(exc))

@@ -106,7 +106,6 @@ def build(factory, args: argparse.Namespace):
     from nemo_run.cli.cli_parser import parse_cli_args
 
     from coom_nemo import console
-    from coom_nemo.api import is_rank_zero
     from coom_nemo.recipe import check_recipe, plan_check_deferred
 
     common = dict(
@@ -128,7 +127,7 @@ def build(factory, args: argparse.Namespace):
         check_overrides(recipe, args.overrides)
         parse_cli_args(recipe, args.overrides, recipe)
     plan = check_recipe(recipe)
-    if is_rank_zero():
+    if console.is_rank_zero():
         console.plan_line(plan.summary_line())
     return recipe
 

@@ -333,7 +333,7 @@ def pretrain_recipe(*, name: str, model: run.Config, data: run.Config, layout: L
     )
     if check and not _DEFER_CHECK.get():
         plan = check_recipe(recipe)
-        if api.is_rank_zero():
+        if console.is_rank_zero():
             console.plan_line(plan.summary_line())
     return recipe
 
@@ -371,7 +371,7 @@ def finetune_recipe(*, restore_path: str, peft: run.Config | None = None,
     recipe.plan.frozen_weights = peft is not None
     if not _DEFER_CHECK.get():
         plan = check_recipe(recipe)
-        if api.is_rank_zero():
+        if console.is_rank_zero():
             console.plan_line(plan.summary_line())
     return recipe
 
@@ -482,10 +482,10 @@ def _adopt_growth(restore_path: str, model: run.Config, optim: Optim) -> Optim:
     starts from it."""
     import dataclasses
 
-    from coom_nemo import api, grow
+    from coom_nemo import grow
 
     summary = grow.adopt_grown_shape(restore_path, model)
-    if summary and api.is_rank_zero():
+    if summary and console.is_rank_zero():
         print(f"{summary} (from {restore_path}; fresh optimizer)", flush=True)
     warmup = grow.grown_warmup(restore_path)
     return optim if warmup is None else dataclasses.replace(optim, warmup_steps=warmup)

@@ -107,10 +107,10 @@ def print_kv_cache_report(recipe) -> None:
     latent) vs the same model with GQA or MHA."""
     import fiddle as fdl
 
-    from coom_nemo import api
+    from coom_nemo import console
     from coom_nemo.model_math import kv_cache_report
 
-    if api.is_rank_zero():
+    if console.is_rank_zero():
         print(kv_cache_report(fdl.build(recipe.model.config)), flush=True)
 
 
