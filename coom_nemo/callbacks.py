@@ -188,13 +188,13 @@ class ModelCheckpoint(nl.ModelCheckpoint):
         pattern = re.compile(rf"(?:^|-){re.escape(self.monitor)}=(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
         scores = {}
         for path in self._saved_checkpoint_paths:
-            match = pattern.search(Path(path).name)
-            if match and not Path(path).name.endswith("-last"):
+            name = Path(path).name
+            if (match := pattern.search(name)) and not name.endswith("-last"):
                 scores[str(path)] = float(match[1])
         ranked = sorted(scores, key=scores.get, reverse=self.mode != "min")
-        for path in ranked[max(self.save_top_k, 0):]:
+        kept, dropped = ranked[:self.save_top_k], ranked[self.save_top_k:]
+        for path in dropped:
             self._del_model_without_trainer(path)
-        kept = ranked[:max(self.save_top_k, 0)]
         self.best_k_models = {path: scores[path] for path in kept}
         self.kth_best_model_path = kept[-1] if kept else ""
         self.best_model_path = kept[0] if kept else ""
