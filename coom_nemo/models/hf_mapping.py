@@ -295,9 +295,33 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], model, mappings: list[Mapping], 
         hf = {k: v for k, v in hf.items() if k != TIED}
     state = megatron_state(model)
     made = convert(hf, shapes(state), mappings, to_hf=False, config=config, what="HF checkpoint")
+    core = megatron_core(model)
     with torch.no_grad():
         for name, value in made.items():
-            state[name].copy_(value)
+            if state[name].is_meta:
+                _materialize(core, name, value.to(state[name].dtype))
+            else:
+                state[name].copy_(value)
+
+
+def _materialize(module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the meta tensor ``name``.
+
+    NeMo's importer builds TE's layers on the meta device
+    (nemo/lightning/_strategy_lib.py:190-193), where ``copy_`` writes
+    nothing and the save then fails on "Cannot copy out of meta
+    tensor"; megatron-core's attributes on the parameter (its
+    tensor-parallel axis, ...) carry over.
+    """
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    old = owner._parameters.get(attr)
+    if old is None:
+        owner._buffers[attr] = value
+        return
+    param = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    param.__dict__.update(old.__dict__)
+    owner._parameters[attr] = param
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], wanted: dict[str, torch.Size],
