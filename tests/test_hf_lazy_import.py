@@ -1,4 +1,4 @@
-"""HF import into a model whose parameters are on the meta device, on CPU.
+"""HF import into a model whose parameters are on the meta device.
 
 With TransformerEngine, NeMo's importer builds TE's layers on the meta
 device (nemo/lightning/_strategy_lib.py:190-193): a weight copied into
