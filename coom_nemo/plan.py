@@ -155,6 +155,8 @@ class Plan:
         """Raise :class:`PlanError` for the first problem found."""
         self._check_layout()
         self._check_batch()
+        if self.precision.startswith("fp8"):
+            self._check_fp8_widths()
         if self.check_memory:
             self._check_memory()
         return self
@@ -251,6 +253,58 @@ class Plan:
         if experts and self.world_size % expert_group:
             raise PlanError(ep_field, f"{self.world_size} GPUs are not a multiple of "
                             f"ETP*EP*PP = {expert_group}", "lower EP or ETP")
+
+    def _check_fp8_widths(self) -> None:
+        """FP8 GEMMs need each width a multiple of 16: TE fails in the
+        first backward otherwise ("Leading dimension requirement ...
+        Caller must pad", transformer_engine/common/gemm/cublaslt_gemm.cu:161,
+        hit on an H100 by a 40-wide ``linear_kv_down_proj``)."""
+        for field, what, width in self._gemm_widths():
+            if width % 16:
+                raise PlanError(field, f"{what} is {width}, but FP8 GEMMs need widths that are "
+                                "multiples of 16",
+                                "change it to a multiple of 16, or train in bf16")
+
+    def _gemm_widths(self):
+        """(field, what, width) of each GEMM dimension a rank runs."""
+        c, tp, etp = self.cfg, self.tp, self.etp or self.tp
+        heads = int(c.num_attention_heads)
+        tokens = self.mbs * self.seq_length // self.cp
+        yield ("data.seq_length", f"MBS x seq_length / CP{self.cp} (a micro batch's tokens)",
+               tokens)
+        yield "model.config.hidden_size", "hidden_size", int(c.hidden_size)
+        if _field(c, "ffn_hidden_size"):
+            yield ("model.config.ffn_hidden_size", f"ffn_hidden_size / TP{tp}",
+                   int(c.ffn_hidden_size) // tp)
+        if _field(c, "multi_latent_attention", False):
+            qk, rope = int(c.qk_head_dim), int(c.qk_pos_emb_head_dim)
+            value, kv_rank = int(c.v_head_dim), int(c.kv_lora_rank)
+            if _field(c, "q_lora_rank"):
+                yield "model.config.q_lora_rank", "q_lora_rank", int(c.q_lora_rank)
+            yield "model.config.kv_lora_rank", "kv_lora_rank", kv_rank
+            yield ("model.config.qk_pos_emb_head_dim",
+                   "kv_lora_rank + qk_pos_emb_head_dim (linear_kv_down_proj)", kv_rank + rope)
+            yield ("model.config.qk_pos_emb_head_dim",
+                   f"heads x (qk_head_dim + qk_pos_emb_head_dim) / TP{tp}",
+                   heads * (qk + rope) // tp)
+            yield ("model.config.v_head_dim", f"heads x (qk_head_dim + v_head_dim) / TP{tp}",
+                   heads * (qk + value) // tp)
+            yield "model.config.v_head_dim", f"heads x v_head_dim / TP{tp}", heads * value // tp
+        else:
+            channels = int(_field(c, "kv_channels", int(c.hidden_size) // heads))
+            groups = int(_field(c, "num_query_groups", heads))
+            yield ("model.config.kv_channels", f"heads x kv_channels / TP{tp}",
+                   heads * channels // tp)
+            yield ("model.config.kv_channels", f"(heads + 2 x groups) x kv_channels / TP{tp}",
+                   (heads + 2 * groups) * channels // tp)
+        if _field(c, "num_moe_experts"):
+            moe_ffn = int(_field(c, "moe_ffn_hidden_size", _field(c, "ffn_hidden_size", 0)))
+            yield ("model.config.moe_ffn_hidden_size", f"moe_ffn_hidden_size / ETP{etp}",
+                   moe_ffn // etp)
+            shared = int(_field(c, "moe_shared_expert_intermediate_size", 0))
+            if shared:
+                yield ("model.config.moe_shared_expert_intermediate_size",
+                       f"moe_shared_expert_intermediate_size / TP{tp}", shared // tp)
 
     def _check_batch(self) -> None:
         if self.mbs < 1:
@@ -374,7 +428,10 @@ def _materializes_attention_probs(config) -> bool:
     default picks flash or fused kernels (TE, or SDPA without TE:
     ``coom_nemo.models.sdpa``), which keep no s x s tensor."""
     backend = getattr(_field(config, "attention_backend"), "name", "auto")
-    return (backend in ("local", "unfused")
+    # NeMo's local_layer_spec (nemo/collections/llm/gpt/model/base.py)
+    # builds megatron-core's local attention whatever the backend says
+    spec = getattr(_field(config, "transformer_layer_spec"), "__name__", "")
+    return ((backend in ("local", "unfused") or spec == "local_layer_spec")
             and _field(config, "recompute_granularity") != "selective")
 
 

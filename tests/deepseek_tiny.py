@@ -20,7 +20,7 @@ DEBUG_SHAPE = dict(
     hidden_size=64, intermediate_size=256, moe_intermediate_size=32, num_hidden_layers=2,
     first_k_dense_replace=1, num_attention_heads=4, n_shared_experts=1, n_routed_experts=16,
     num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=32, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
+    qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5,
     max_position_embeddings=163840,
     rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
                       beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),

@@ -120,3 +120,44 @@ def test_unfused_attention_counts_its_softmax_unless_recomputed(backend):
     assert (unfused - flash) * 1024**3 == pytest.approx(probs)
     plan.cfg.recompute_granularity = "selective"
     assert plan.memory_estimate_gb()["activations"] == pytest.approx(flash)
+
+
+@pytest.mark.parametrize("size", ["debug", None])
+@pytest.mark.parametrize("name", ["coom_llama31_405b", "coom_llama31_8b_mlperf", "coom_gpt_oss_20b",
+                                  "coom_gpt_oss_20b_gated", "coom_deepseek"])
+def test_every_model_has_fp8_widths(name, size):
+    """Each family's preset and debug size meet FP8's multiples of 16
+    at its default layout (the DeepSeek debug size did not: 40)."""
+    recipe = FACTORIES[name](precision="fp8-delayed", **({"size": size} if size else {}))
+    assert check_recipe(recipe).precision == "fp8-delayed"
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("qk_pos_emb_head_dim", 8, "kv_lora_rank + qk_pos_emb_head_dim (linear_kv_down_proj) is 40"),
+    ("moe_ffn_hidden_size", 40, "moe_ffn_hidden_size / ETP1 is 40"),
+    ("q_lora_rank", 24, "q_lora_rank is 24"),
+])
+def test_fp8_refuses_a_width_that_is_not_a_multiple_of_16(field, value, what):
+    recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=1, precision="fp8-delayed")
+    setattr(recipe.model.config, field, value)
+    with pytest.raises(PlanError) as error:
+        check_recipe(recipe)
+    assert error.value.field == f"model.config.{field}"
+    assert str(error.value).startswith(f"model.config.{field}: {what}, but FP8 GEMMs need "
+                                       "widths that are multiples of 16; change it")
+    recipe.trainer.plugins = fdl.Config(type(fdl.build(recipe.trainer.plugins)))  # bf16
+    check_recipe(recipe)
+
+
+def test_fp8_refuses_a_tensor_parallel_share_that_is_not_a_multiple_of_16():
+    recipe = llama31_405b.pretrain_recipe(size="debug", gpus_per_node=2, layout="TP2",
+                                          precision="fp8-current")
+    recipe.model.config.ffn_hidden_size = 336  # 168 a rank
+    with pytest.raises(PlanError, match=r"^model.config.ffn_hidden_size: ffn_hidden_size / "
+                                        r"TP2 is 168, but FP8"):
+        check_recipe(recipe)
+    recipe.data.seq_length, recipe.data.micro_batch_size = 72, 1
+    recipe.model.config.ffn_hidden_size = 384
+    with pytest.raises(PlanError, match=r"^data.seq_length: MBS x seq_length / CP1 \(a micro "
+                                        r"batch's tokens\) is 72, but FP8"):
+        check_recipe(recipe)

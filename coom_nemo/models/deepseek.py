@@ -174,7 +174,7 @@ SIZES = {
     # V3's router in small: 16 experts in 4 groups, top-4 from the best
     # 2 groups (a group scores by its top 2).
     "debug": dict(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
-                  q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                  q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=16,
                   v_head_dim=16, kv_channels=16, num_moe_experts=16, moe_ffn_hidden_size=32,
                   moe_shared_expert_intermediate_size=32, moe_router_topk=4,
                   moe_router_num_groups=4, moe_router_group_topk=2, moe_layer_freq=[0, 1],
