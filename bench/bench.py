@@ -228,13 +228,14 @@ def stock_parts(v: Variant, steps: int):
                     global_batch_size=GBS, num_train_samples=GBS * (steps + 2), **data_kw)
     plugin = {"bf16": mixed_precision.bf16_mixed,
               "fp8-delayed": mixed_precision.bf16_with_fp8_mixed}[v.precision]()
-    strategy = nl.MegatronStrategy(
-        ckpt_async_save=False, ckpt_load_strictness="log_all",
+    strategy = fdl.Config(
+        nl.MegatronStrategy, ckpt_async_save=False, ckpt_load_strictness="log_all",
         ddp=DistributedDataParallelConfig(check_for_nan_in_grad=True, grad_reduce_in_fp32=True,
                                           overlap_grad_reduce=True, overlap_param_gather=True,
                                           average_in_collective=True))
-    trainer = nl.Trainer(accelerator="gpu", devices=1, max_steps=steps, strategy=strategy,
-                         plugins=fdl.build(plugin), log_every_n_steps=1,
+    # a config, built in the child: the plan check reads it on any host
+    trainer = fdl.Config(nl.Trainer, accelerator="gpu", devices=1, max_steps=steps,
+                         strategy=strategy, plugins=plugin, log_every_n_steps=1,
                          limit_val_batches=0, val_check_interval=steps + 1,
                          num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
                          enable_progress_bar=False)
@@ -334,6 +335,7 @@ def child(name: str, steps: int, warmup: int, workdir: str) -> None:
     else:
         model, data, trainer, optim = stock_parts(v, steps)
         plan = Plan.from_parts(model, data, trainer, optim, options)
+        trainer = fdl.build(trainer)
 
         def launch():
             llm.pretrain(model=model, data=data, trainer=trainer, optim=optim,

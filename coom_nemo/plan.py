@@ -257,8 +257,8 @@ class Plan:
     def _check_fp8_widths(self) -> None:
         """FP8 GEMMs need each width a multiple of 16: TE fails in the
         first backward otherwise ("Leading dimension requirement ...
-        Caller must pad", transformer_engine/common/gemm/cublaslt_gemm.cu:161,
-        hit on an H100 by a 40-wide ``linear_kv_down_proj``)."""
+        Caller must pad", TE's common/gemm/cublaslt_gemm.cu:161, hit
+        on an H100 by a 40-wide ``linear_kv_down_proj``)."""
         for field, what, width in self._gemm_widths():
             if width % 16:
                 raise PlanError(field, f"{what} is {width}, but FP8 GEMMs need widths that are "

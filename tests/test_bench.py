@@ -2,6 +2,7 @@
 recipe code, the summary has the pair lines RESULTS.md needs, and
 TransformerEngine loads PyTorch's cuDNN."""
 
+import dataclasses
 import re
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 import coom_nemo
+from coom_nemo.models.base import has_transformer_engine
 from coom_nemo.recipe import check_recipe
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -100,15 +102,31 @@ MEASURED_PEAKS = [
     # megatron-core's local attention keeps each layer's s x s softmax
     ("llama-coom-local-bf16", 70.4, "H100 2026-11-24 job B"),
     ("moe-coom-te-bf16", 59.0, "H100 2026-11-24 job C"),
+    ("llama-coom-te-bf16", 57.2, "H100 2026-12-07"),
+    ("llama-coom-te-fp8-mbs2", 62.7, "H100 2026-12-07"),
+    ("llama-coom-sdpa-bf16", 61.6, "H100 2026-12-07"),
+    ("llama-coom-sdpa-bf16-mbs2", 71.1, "H100 2026-12-07"),
+    # stock NeMo's configs, planned by the same check
+    ("llama-stock-te-fp8", 59.7, "H100 2026-12-07"),
+    ("llama-stock-local-bf16", 68.3, "H100 2026-12-07"),
+    ("moe-stock-te-bf16", 58.3, "H100 2026-12-07"),
 ]
 
 
 def proxy_plan(variant: str, gpu_memory_gb: float | None = None):
-    """A bench variant's coom recipe plan, as built on this host."""
-    from coom_nemo.plan import Plan
+    """A bench variant's plan, as built on this host: its coom recipe,
+    or stock NeMo's parts."""
+    from coom_nemo.plan import Plan, PlanOptions
     from coom_nemo.recipe import _build
 
-    recipe = bench.coom_recipe(variant, bench.VARIANTS[variant], 10, "/tmp/unused")
+    v = bench.VARIANTS[variant]
+    if v.impl == "stock":
+        if v.te and not has_transformer_engine():
+            # megatron-core refuses Llama's default RoPE fusion without
+            # TE when the config is made; it moves no memory estimate
+            v = dataclasses.replace(v, config={**v.config, "apply_rope_fusion": False})
+        return Plan.from_parts(*bench.stock_parts(v, 10), PlanOptions(gpu_memory_gb=80.0))
+    recipe = bench.coom_recipe(variant, v, 10, "/tmp/unused")
     if gpu_memory_gb is not None:
         recipe.plan.gpu_memory_gb = gpu_memory_gb
     return Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,

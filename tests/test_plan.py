@@ -123,8 +123,8 @@ def test_unfused_attention_counts_its_softmax_unless_recomputed(backend):
 
 
 @pytest.mark.parametrize("size", ["debug", None])
-@pytest.mark.parametrize("name", ["coom_llama31_405b", "coom_llama31_8b_mlperf", "coom_gpt_oss_20b",
-                                  "coom_gpt_oss_20b_gated", "coom_deepseek"])
+@pytest.mark.parametrize("name", ["coom_llama31_405b", "coom_llama31_8b_mlperf",
+                                  "coom_gpt_oss_20b", "coom_gpt_oss_20b_gated", "coom_deepseek"])
 def test_every_model_has_fp8_widths(name, size):
     """Each family's preset and debug size meet FP8's multiples of 16
     at its default layout (the DeepSeek debug size did not: 40)."""
