@@ -30,10 +30,16 @@ def child_env(**extra) -> dict:
                if k not in _DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}, **extra}
 
 
-def run_process(args, cwd, timeout=600, env=None, merge=False):
+def run_process(args, cwd, timeout=600, env=None, merge=False, log=None):
     """Run a command; return (returncode, stdout+stderr), or with
-    ``merge`` the two interleaved as a terminal shows them."""
+    ``merge`` the two interleaved as a terminal shows them. With
+    ``log`` (a path) the output, interleaved, goes there as it comes."""
     merged = child_env(PYTHONUNBUFFERED="1", **(env or {}))
+    if log is not None:
+        with open(log, "w") as out:
+            done = subprocess.run(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout, env=merged)
+        return done.returncode, Path(log).read_text()
     done = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
                           timeout=timeout, env=merged)

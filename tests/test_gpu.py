@@ -189,10 +189,27 @@ def _launch(tmp_path, run_dir, steps, env=None, timeout=600, gpus=2):
     deterministic = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
                      "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
     started = time.time()
-    code, out = run_process(cmd, cwd=tmp_path, timeout=timeout,
-                            env={"PYTHONPATH": _pythonpath(), "COOM_JOB_DIR": str(tmp_path),
-                                 **deterministic, **(env or {})})
+    log, code = _launch_log(run_dir, gpus), None
+    try:
+        code, out = run_process(cmd, cwd=tmp_path, timeout=timeout, log=log,
+                                env={"PYTHONPATH": _pythonpath(), "COOM_JOB_DIR": str(tmp_path),
+                                     **deterministic, **(env or {})})
+    finally:  # a timeout records too (exit_code null)
+        record(test="launch", run=run_dir.name, gpus=gpus, exit_code=code,
+               fault=(env or {}).get("COOM_INJECT_FAULT"),
+               seconds=round(time.time() - started, 1), log=log.name)
     return code, out, time.time() - started
+
+
+def _launch_log(run_dir: Path, gpus: int) -> Path:
+    """Where a launch's output goes as it runs: beside the GPU check's
+    results when set (it comes back from the node even when the test
+    is cut off), else in the run's folder."""
+    results = os.environ.get("GPU_CHECK_RESULTS")
+    folder = Path(results).parent if results else run_dir.parent
+    stem = f"launch_{'te' if TE else 'no-te'}_{gpus}gpu_{run_dir.name}"
+    taken = len(list(folder.glob(f"{stem}_*.log")))
+    return folder / f"{stem}_{taken + 1}.log"
 
 
 def _kill_then_resume(tmp_path, gpus: int) -> None:
