@@ -75,6 +75,11 @@ VARIANTS = {
     "llama-coom-te-bf16-unfused": Variant("llama", "coom",
                                           config={"attention_backend": "unfused"}),
     "llama-coom-te-bf16-norope": Variant("llama", "coom", config={"apply_rope_fusion": False}),
+    # PyTorch's SDPA for core attention in TE's layers: around cuDNN's
+    # fused attention (the BF16 NaN, bench/RESULTS.md)
+    "llama-coom-te-bf16-sdpa": Variant("llama", "coom", config={"sdpa_with_te": True}),
+    "llama-coom-te-bf16-mbs2-sdpa": Variant("llama", "coom", mbs=2,
+                                            config={"sdpa_with_te": True}),
     # TE node, FP8
     "llama-stock-te-fp8": Variant("llama", "stock", "fp8-delayed"),
     "llama-stock-te-fp8-mbs4": Variant("llama", "stock", "fp8-delayed", mbs=4),
@@ -82,6 +87,8 @@ VARIANTS = {
     "llama-coom-te-fp8-mbs2": Variant("llama", "coom", "fp8-delayed", mbs=2),
     "llama-coom-te-fp8-mbs4": Variant("llama", "coom", "fp8-delayed", mbs=4),
     "llama-coom-te-fp8-mbs8": Variant("llama", "coom", "fp8-delayed", mbs=8),
+    "llama-coom-te-fp8-mbs2-sdpa": Variant("llama", "coom", "fp8-delayed", mbs=2,
+                                           config={"sdpa_with_te": True}),
     # each default of the TE node turned back, one at a time
     "llama-coom-te-fp8-mbs4-native-ce": Variant("llama", "coom", "fp8-delayed", mbs=4, config={
         "cross_entropy_fusion_impl": "native"}),
@@ -126,10 +133,13 @@ PAIRS = {
                                             "llama-coom-te-fp8-mbs4", "llama-coom-te-fp8-mbs8",
                                             "llama-coom-te-fp8-mbs2-te-swiglu",
                                             "llama-coom-te-fp8-mbs8-te-swiglu",
-                                            "llama-coom-te-fp8-current-mbs4"]),
+                                            "llama-coom-te-fp8-current-mbs4",
+                                            "llama-coom-te-fp8-mbs2-sdpa"]),
     "llama-bf16-te": ("llama-stock-te-bf16", ["llama-coom-te-bf16", "llama-coom-te-bf16-mbs2",
                                               "llama-coom-te-bf16-mbs4",
-                                              "llama-coom-te-bf16-mbs8"]),
+                                              "llama-coom-te-bf16-mbs8",
+                                              "llama-coom-te-bf16-sdpa",
+                                              "llama-coom-te-bf16-mbs2-sdpa"]),
     "llama-bf16-sdpa-vs-local": ("llama-stock-local-bf16", [
         "llama-coom-sdpa-bf16", "llama-coom-sdpa-bf16-mbs2", "llama-coom-sdpa-bf16-mbs4",
         "llama-coom-sdpa-bf16-mbs8"]),
@@ -518,12 +528,14 @@ def summary(results: dict, ceiling: dict | None = None) -> list[str]:
         fp8, bf16 = tok.get("llama-coom-te-fp8" + mbs), tok.get("llama-coom-te-bf16" + mbs)
         if fp8 and bf16:
             lines.append(f"llama coom{mbs} fp8/bf16 tokens/s = {fp8 / bf16:.3f}")
-    bf16_te = [k for k in results if variant_of(k).startswith(("llama-coom-te-bf16",
-                                                                "llama-stock-te-bf16"))]
-    if bf16_te:
-        clean = [k for k in bf16_te if k in ok]
-        lines.append(f"bf16 on the TE spec: {len(clean)} of {len(bf16_te)} Llama proxy runs "
-                     f"without NaN or error ({', '.join(sorted(bf16_te))})")
+    bf16_te = {}  # variant -> its runs
+    for k in results:
+        if variant_of(k).startswith(("llama-coom-te-bf16", "llama-stock-te-bf16")):
+            bf16_te.setdefault(variant_of(k), []).append(k)
+    for variant, runs in sorted(bf16_te.items()):
+        clean = [k for k in runs if k in ok]
+        lines.append(f"bf16 on the TE spec: {len(clean)} of {len(runs)} Llama proxy runs "
+                     f"of {variant} without NaN or error")
     lines += energy_choice(ok)
     for key, r in ok.items():
         if r.get("estimate_gb"):

@@ -31,7 +31,10 @@ def test_summary_prints_one_pair_line_per_candidate_that_ran():
                "llama-coom-te-fp8-repeat": dict(tok_s=43900.0, j_tok=0.0183),
                "llama-coom-te-fp8-mbs4": dict(error="out of memory"),
                "llama-stock-te-fp8": dict(tok_s=40000.0),
-               "llama-coom-te-bf16": dict(error="NaN")}
+               "llama-coom-te-bf16": dict(error="NaN"),
+               "llama-coom-te-bf16#2": dict(tok_s=33000.0),
+               "llama-coom-te-bf16-sdpa": dict(tok_s=33000.0),
+               "llama-coom-te-bf16-sdpa#2": dict(tok_s=33100.0)}
     lines = bench.summary(results, {"gpu": "NVIDIA H200"})
     pair = re.compile(r"pair=(\S+) coom=(\S+) stock=(\S+) coom_tok_s=(\S+) stock_tok_s=(\S+) "
                       r"ratio_vs_stock=(\S+) gpu=(\S+)")
@@ -41,7 +44,11 @@ def test_summary_prints_one_pair_line_per_candidate_that_ran():
                      ("llama-fp8-te", "llama-coom-te-fp8-mbs4", "llama-stock-te-fp8", "nan",
                       "40000", "nan", "H200")]
     assert "difference 1.7%" in next(line for line in lines if line.startswith("energy repeat"))
-    assert "bf16 on the TE spec: 0 of 1 Llama proxy runs without NaN" in "\n".join(lines)
+    nan_lines = [line for line in lines if line.startswith("bf16 on the TE spec")]
+    assert nan_lines == [
+        "bf16 on the TE spec: 1 of 2 Llama proxy runs of llama-coom-te-bf16 without NaN or error",
+        "bf16 on the TE spec: 2 of 2 Llama proxy runs of llama-coom-te-bf16-sdpa without NaN or "
+        "error"]
 
 
 def test_energy_choice_is_the_lowest_j_per_token_within_5_percent_of_the_fastest():

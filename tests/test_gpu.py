@@ -109,6 +109,21 @@ def test_fp8_trains_on_one_gpu(name, factory, changes, precision, tmp_path):
     record(test="fp8", family=name, precision=precision, losses=recorder.losses)
 
 
+@pytest.mark.skipif(not TE, reason="swaps TransformerEngine's core attention")
+@pytest.mark.parametrize("precision", ["bf16", "fp8-delayed"])
+def test_sdpa_core_attention_in_te_layers_trains_on_one_gpu(precision, tmp_path):
+    """``sdpa_with_te``: core attention is SDPA's, the rest TE's."""
+    recipe = debug_recipe("coom_llama31_405b", tmp_path, {"sdpa_with_te": True},
+                          precision=precision)
+    recorder, trainer = train(recipe)
+    module = trainer.lightning_module
+    cores = {type(m).__name__ for n, m in module.named_modules() if n.endswith("core_attention")}
+    assert cores == {"SDPACoreAttention"} and uses_te_modules(module)
+    assert all(torch.isfinite(torch.tensor(recorder.losses))), recorder.losses
+    assert falls(recorder.losses), recorder.losses
+    record(test="sdpa_with_te", family="llama", precision=precision, losses=recorder.losses)
+
+
 # Layouts on two GPUs, by family: what the node's modules allow.
 # Without TE: no sequence parallelism (torch norms refuse it), so no
 # TP for MoE, and no CP (local attention refuses it).

@@ -75,6 +75,51 @@ def test_deterministic_mode_runs_the_math_kernels(model_parallel, monkeypatch, d
     assert torch.backends.cuda.flash_sdp_enabled()  # restored afterwards
 
 
+@pytest.mark.parametrize("with_te", [False, True])
+def test_sdpa_with_te_keeps_cudnn_attention_out(model_parallel, monkeypatch, with_te):
+    """``sdpa_with_te`` is there to route around cuDNN's attention, so
+    SDPA must not pick cuDNN's kernel then; else PyTorch chooses."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    cfg = config()
+    cfg.sdpa_with_te = with_te
+    module = sdpa.SDPACoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=ONE_RANK)
+    module(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8), None)
+    cudnn, flash = seen[0]
+    assert flash and cudnn != with_te
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
+
+
+def test_sdpa_with_te_replaces_te_core_attention_in_the_spec(model_parallel, monkeypatch):
+    """On a TE node ``sdpa_with_te`` swaps only the core attention;
+    attention sinks, which SDPA cannot do, keep TE's. (TE's spec needs
+    TE: megatron-core's local spec stands in for it.)"""
+    from coom_nemo.models import specs
+
+    build = specs.get_gpt_decoder_block_spec
+    monkeypatch.setattr(specs, "use_transformer_engine", lambda: True)
+    monkeypatch.setattr(specs, "get_gpt_decoder_block_spec",
+                        lambda cfg, **kw: build(cfg, **{**kw, "use_transformer_engine": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a TE node has CUDA
+
+    def core(with_te, **kw):
+        cfg = config(**kw)
+        cfg.sdpa_with_te = with_te
+        layer = layer_spec(cfg).layer_specs[0]
+        return layer.submodules.self_attention.submodules.core_attention
+
+    assert core(False) is DotProductAttention  # the spec's own
+    assert core(True) is sdpa.SDPACoreAttention
+    assert core(True, softmax_type="learnable") is DotProductAttention
+
+
 def test_sliding_window_changes_the_result(model_parallel):
     q = torch.randn(16, 1, 8, 8)
     k, v = torch.randn(16, 1, 2, 8), torch.randn(16, 1, 2, 8)

@@ -70,9 +70,17 @@ class CoomConfig:
         layer:
             a sigmoid gate computed from the block input multiplies each
             head's attention output before the output projection.
+        sdpa_with_te: Core attention through PyTorch's SDPA (flash or
+            memory-efficient kernels, never cuDNN's) also where the
+            rest of the layer is TransformerEngine's: a way around
+            TE's cuDNN fused attention, under which BF16 runs hit NaN
+            in the first step's gradients on an H100 with cuDNN 9.14
+            (2 of 5 runs, bench/RESULTS.md; cuDNN 9.18 fixed a Hopper
+            attention-backward bug, TransformerEngine#2186).
     """
 
     attention_gate: bool = False
+    sdpa_with_te: bool = False
     # TE's fused cross entropy (a no-op on hosts without TE, see
     # adapt_to_runtime): no fp32 copy of the logits, 4 bytes a logit
     # less (bench/RESULTS.md)

@@ -132,9 +132,14 @@ class SDPACoreAttention(MegatronModule):
         """``deterministic_mode``: PyTorch's math kernels. The flash and
         memory-efficient backwards accumulate the query gradient with
         atomics (run to run differences in the last bits); the math
-        path is matmuls and a softmax."""
+        path is matmuls and a softmax. ``sdpa_with_te``: any but
+        cuDNN's."""
         if self.config.deterministic_mode:
             return sdpa_kernel([SDPBackend.MATH])
+        if getattr(self.config, "sdpa_with_te", False):
+            # that mode is there to keep cuDNN's attention out
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                SDPBackend.MATH])
         return nullcontext()
 
     def _rng(self, dropout: float):

@@ -83,7 +83,8 @@ def layer_spec(config, vp_stage: int | None = None):
     ``moe_layer_freq`` and honours the pipeline layout; TE modules are
     used where :func:`use_transformer_engine`, else megatron-core's
     local modules with the fixes above (expert biases, sinks, MLA)
-    and SDPA core attention where :func:`sdpa.usable`.
+    and SDPA core attention where :func:`sdpa.usable` (with TE too,
+    where the config asks for ``sdpa_with_te``).
     ``attention_gate`` swaps in gated attention (``gated_attention``).
     """
     te = use_transformer_engine()
@@ -91,10 +92,15 @@ def layer_spec(config, vp_stage: int | None = None):
                                        normalization=config.normalization, vp_stage=vp_stage)
     if not te:
         _bind_missing_te_names()
-    core = None if te else _core_attention_without_te(config)
+        core = _core_attention_without_te(config)
+    elif getattr(config, "sdpa_with_te", False) and sdpa.usable(config):
+        core = sdpa.SDPACoreAttention
+    else:
+        core = None  # TE's own
     for layer in block.layer_specs:
-        if not te:
+        if core is not None:
             layer.submodules.self_attention.submodules.core_attention = core
+        if not te:
             experts = getattr(layer.submodules.mlp.submodules, "experts", None)
             if experts is not None and experts.module is SequentialMLP:
                 experts.submodules.linear_fc2 = LocalExpertRowParallelLinear
