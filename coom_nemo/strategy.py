@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from nemo import lightning as nl
 
@@ -58,8 +59,18 @@ class CoomMegatronStrategy(nl.MegatronStrategy):
         log.info("seed %d (pipeline stage offset applied)", self.seed)
 
     def teardown(self) -> None:
+        # Lightning tears down inside its except block when training
+        # raised (lightning/pytorch/trainer/call.py:66-70), then
+        # re-raises. A teardown that fails then (TE's weights refuse
+        # the move to the CPU while the failed step's graph holds
+        # them) would be the error the console reports, not the cause.
+        failure = sys.exc_info()[1]
         try:
             super().teardown()
+        except Exception as error:
+            if failure is None:
+                raise
+            log.warning("teardown after %s also failed: %s", type(failure).__name__, error)
         finally:
             if self.cpu:
                 release_global_state()

@@ -68,3 +68,28 @@ def test_a_local_torchrun_job_exits_with_torchrun_status(tmp_path, monkeypatch):
                                             mlperf=False)
     assert torchrun(recipe, str(tmp_path / "jobs")) == 0
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_a_teardown_failing_after_a_failed_step_leaves_the_step_error_reported(monkeypatch):
+    """On an H100 a DeepSeek FP8 step failed in TE's GEMM; Lightning's
+    teardown then failed to move TE's weights to the CPU, and that
+    second error is what the console showed. The step's error must
+    stay the one raised; after a run that trained, a failing teardown
+    still raises."""
+    from nemo import lightning as nl
+
+    from coom_nemo.strategy import CoomMegatronStrategy
+
+    def broken(self):
+        raise RuntimeError("_apply(): Couldn't swap TERowParallelLinear.weight")
+
+    monkeypatch.setattr(nl.MegatronStrategy, "teardown", broken)
+    strategy = CoomMegatronStrategy()
+    with pytest.raises(ValueError, match="lda % 16"):
+        try:
+            raise ValueError("Assertion failed: ret.lda % 16 == 0")
+        except ValueError:
+            strategy.teardown()  # Lightning's order, call.py:66-70
+            raise
+    with pytest.raises(RuntimeError, match="Couldn't swap"):
+        strategy.teardown()
