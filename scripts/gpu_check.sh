@@ -212,7 +212,7 @@ session_run() {  # session_run seconds te|no-te (what `session` starts)
     note "test no-te (TE's parts arrive, then TE builds, beside it)"
     { while [[ -n $(missing_te_pieces) ]] && (($(date +%s) - t0 < budget / 2)); do sleep 5; done
       start_te_build >> $session_dir/progress; } &
-    tests_timeout=620  # the kill-and-resume group: three launches of at most 200 s each
+    tests_timeout=620  # the kill-and-resume group: three launches (each stopped at 300 s)
   else
     note "test no-te"
   fi
