@@ -32,7 +32,8 @@ def padded_vocab_size(cfg, tensor_parallel: int = 1) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def _is_moe_layer(cfg, layer: int) -> bool:
+def is_moe_layer(cfg, layer: int) -> bool:
+    """Whether layer ``layer`` (from 0) has experts."""
     if not _get(cfg, "num_moe_experts", 0):
         return False
     freq = _get(cfg, "moe_layer_freq", 1)
@@ -141,7 +142,7 @@ def _layer_params(cfg, layer: int) -> tuple[int, int, int]:
     """(total, active, routed-expert) parameters of one layer."""
     attn = attention_shape(cfg).params + _norm_params(cfg)
     h = int(cfg.hidden_size)
-    if not _is_moe_layer(cfg, layer):
+    if not is_moe_layer(cfg, layer):
         mlp = _mlp_params(cfg, int(cfg.ffn_hidden_size)) + _norm_params(cfg)
         return attn + mlp, attn + mlp, 0
     experts = int(cfg.num_moe_experts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coom_nemo.model_math import ParamCount, count_params, human
+from coom_nemo.model_math import ParamCount, count_params, human, is_moe_layer
 
 # Share of a GPU's memory a plan may fill (see Plan._check_memory).
 HEADROOM = 0.95
@@ -273,7 +273,8 @@ class Plan:
         yield ("data.seq_length", f"MBS x seq_length / CP{self.cp} (a micro batch's tokens)",
                tokens)
         yield "model.config.hidden_size", "hidden_size", int(c.hidden_size)
-        if _field(c, "ffn_hidden_size"):
+        layers = int(c.num_layers)
+        if _field(c, "ffn_hidden_size") and not all(is_moe_layer(c, i) for i in range(layers)):
             yield ("model.config.ffn_hidden_size", f"ffn_hidden_size / TP{tp}",
                    int(c.ffn_hidden_size) // tp)
         if _field(c, "multi_latent_attention", False):

@@ -161,3 +161,15 @@ def test_fp8_refuses_a_tensor_parallel_share_that_is_not_a_multiple_of_16():
     with pytest.raises(PlanError, match=r"^data.seq_length: MBS x seq_length / CP1 \(a micro "
                                         r"batch's tokens\) is 72, but FP8"):
         check_recipe(recipe)
+
+
+def test_fp8_widths_of_an_all_moe_model_skip_the_dense_ffn():
+    """GPT-OSS has experts in every layer: its ``ffn_hidden_size``
+    (2880, 360 a rank at TP8) makes no GEMM and must not be refused."""
+    recipe = FACTORIES["coom_gpt_oss_20b"](precision="fp8-delayed", gpus_per_node=8,
+                                           layout="TP8.ETP1")
+    assert check_recipe(recipe).tp == 8
+    recipe.model.config.moe_layer_freq = [0] + [1] * (recipe.model.config.num_layers - 1)
+    with pytest.raises(PlanError, match="^model.config.ffn_hidden_size: ffn_hidden_size / TP8 "
+                                        "is 360"):
+        check_recipe(recipe)
