@@ -75,6 +75,11 @@ class CoomMegatronStrategy(nl.MegatronStrategy):
             if self.cpu:
                 release_global_state()
                 cpu_mode.deactivate()
+            elif failure is None:
+                # megatron-core's NCCL groups left to the interpreter's
+                # exit can hang it (ms-swift#8385); after a failure the
+                # other ranks may never join (torchtitan#1342)
+                release_global_state()
 
 
 CoomMegatronStrategy.__init__.__signature__ = signature_with(

@@ -1,6 +1,7 @@
 """Shared test setup: offline, quiet, CPU."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,25 @@ def child_env(**extra) -> dict:
 def run_process(args, cwd, timeout=600, env=None, merge=False, log=None):
     """Run a command; return (returncode, stdout+stderr), or with
     ``merge`` the two interleaved as a terminal shows them. With
-    ``log`` (a path) the output, interleaved, goes there as it comes."""
+    ``log`` (a path) the output, interleaved, goes there as it comes,
+    and a command past ``timeout`` gets SIGABRT first: Python's
+    faulthandler writes every thread's stack to the log."""
     merged = child_env(PYTHONUNBUFFERED="1", **(env or {}))
     if log is not None:
         with open(log, "w") as out:
-            done = subprocess.run(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout, env=merged)
-        return done.returncode, Path(log).read_text()
+            child = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                     env={**merged, "PYTHONFAULTHANDLER": "1"})
+            try:
+                code = child.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGABRT)
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                raise
+        return code, Path(log).read_text()
     done = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
                           timeout=timeout, env=merged)

@@ -93,3 +93,34 @@ def test_a_teardown_failing_after_a_failed_step_leaves_the_step_error_reported(m
             raise
     with pytest.raises(RuntimeError, match="Couldn't swap"):
         strategy.teardown()
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_gpu_run_releases_its_process_groups_only_after_it_ended_well(failed, monkeypatch,
+                                                                       tmp_path):
+    """After training, the groups are destroyed before the interpreter
+    exits (left to it, NCCL's teardown can hang the exit); after a
+    failure they are kept: a rank that destroys waits on ranks that
+    never come. (gloo stands in for NCCL here.)"""
+    import torch.distributed as dist
+    from nemo import lightning as nl
+
+    from coom_nemo.strategy import CoomMegatronStrategy
+
+    monkeypatch.setattr(nl.MegatronStrategy, "teardown", lambda self: None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        if failed:
+            with pytest.raises(ValueError):
+                try:
+                    raise ValueError("a step failed")
+                except ValueError:
+                    CoomMegatronStrategy().teardown()
+                    raise
+        else:
+            CoomMegatronStrategy().teardown()
+        assert dist.is_initialized() == failed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
