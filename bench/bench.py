@@ -525,9 +525,11 @@ def summary(results: dict, ceiling: dict | None = None) -> list[str]:
                              f"stock_tok_s={y or float('nan'):.0f} ratio_vs_stock={ratio} "
                              f"gpu={gpu}")
     for mbs in ("", "-mbs2", "-mbs4", "-mbs8"):
-        fp8, bf16 = tok.get("llama-coom-te-fp8" + mbs), tok.get("llama-coom-te-bf16" + mbs)
-        if fp8 and bf16:
-            lines.append(f"llama coom{mbs} fp8/bf16 tokens/s = {fp8 / bf16:.3f}")
+        for attention in ("", "-sdpa"):
+            fp8 = tok.get(f"llama-coom-te-fp8{mbs}{attention}")
+            bf16 = tok.get(f"llama-coom-te-bf16{mbs}{attention}")
+            if fp8 and bf16:
+                lines.append(f"llama coom{mbs}{attention} fp8/bf16 tokens/s = {fp8 / bf16:.3f}")
     bf16_te = {}  # variant -> its runs
     for k in results:
         if variant_of(k).startswith(("llama-coom-te-bf16", "llama-stock-te-bf16")):

@@ -34,7 +34,9 @@ def test_summary_prints_one_pair_line_per_candidate_that_ran():
                "llama-coom-te-bf16": dict(error="NaN"),
                "llama-coom-te-bf16#2": dict(tok_s=33000.0),
                "llama-coom-te-bf16-sdpa": dict(tok_s=33000.0),
-               "llama-coom-te-bf16-sdpa#2": dict(tok_s=33100.0)}
+               "llama-coom-te-bf16-sdpa#2": dict(tok_s=33100.0),
+               "llama-coom-te-fp8-mbs2-sdpa": dict(tok_s=39000.0),
+               "llama-coom-te-bf16-mbs2-sdpa": dict(tok_s=32500.0)}
     lines = bench.summary(results, {"gpu": "NVIDIA H200"})
     pair = re.compile(r"pair=(\S+) coom=(\S+) stock=(\S+) coom_tok_s=(\S+) stock_tok_s=(\S+) "
                       r"ratio_vs_stock=(\S+) gpu=(\S+)")
@@ -42,8 +44,11 @@ def test_summary_prints_one_pair_line_per_candidate_that_ran():
     assert pairs == [("llama-fp8-te", "llama-coom-te-fp8", "llama-stock-te-fp8", "44000",
                       "40000", "1.100", "H200"),
                      ("llama-fp8-te", "llama-coom-te-fp8-mbs4", "llama-stock-te-fp8", "nan",
-                      "40000", "nan", "H200")]
+                      "40000", "nan", "H200"),
+                     ("llama-fp8-te", "llama-coom-te-fp8-mbs2-sdpa", "llama-stock-te-fp8",
+                      "39000", "40000", "0.975", "H200")]
     assert "difference 1.7%" in next(line for line in lines if line.startswith("energy repeat"))
+    assert "llama coom-mbs2-sdpa fp8/bf16 tokens/s = 1.200" in lines
     nan_lines = [line for line in lines if line.startswith("bf16 on the TE spec")]
     assert nan_lines == [
         "bf16 on the TE spec: 1 of 2 Llama proxy runs of llama-coom-te-bf16 without NaN or error",
