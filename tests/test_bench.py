@@ -52,6 +52,8 @@ def test_summary_prints_one_pair_line_per_candidate_that_ran():
     nan_lines = [line for line in lines if line.startswith("bf16 on the TE spec")]
     assert nan_lines == [
         "bf16 on the TE spec: 1 of 2 Llama proxy runs of llama-coom-te-bf16 without NaN or error",
+        "bf16 on the TE spec: 1 of 1 Llama proxy runs of llama-coom-te-bf16-mbs2-sdpa without NaN "
+        "or error",
         "bf16 on the TE spec: 2 of 2 Llama proxy runs of llama-coom-te-bf16-sdpa without NaN or "
         "error"]
 
