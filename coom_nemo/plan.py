@@ -273,6 +273,9 @@ class Plan:
         yield ("data.seq_length", f"MBS x seq_length / CP{self.cp} (a micro batch's tokens)",
                tokens)
         yield "model.config.hidden_size", "hidden_size", int(c.hidden_size)
+        if _field(c, "mtp_num_layers"):
+            yield ("model.config.hidden_size", f"hidden_size / TP{tp} (MTP's eh_proj)",
+                   int(c.hidden_size) // tp)
         layers = int(c.num_layers)
         if _field(c, "ffn_hidden_size") and not all(is_moe_layer(c, i) for i in range(layers)):
             yield ("model.config.ffn_hidden_size", f"ffn_hidden_size / TP{tp}",
@@ -431,7 +434,8 @@ def _materializes_attention_probs(config) -> bool:
     backend = getattr(_field(config, "attention_backend"), "name", "auto")
     # NeMo's local_layer_spec (nemo/collections/llm/gpt/model/base.py)
     # builds megatron-core's local attention whatever the backend says
-    spec = getattr(_field(config, "transformer_layer_spec"), "__name__", "")
+    spec = _field(config, "transformer_layer_spec")
+    spec = getattr(getattr(spec, "func", spec), "__name__", "")  # a partial's too
     return ((backend in ("local", "unfused") or spec == "local_layer_spec")
             and _field(config, "recompute_granularity") != "selective")
 

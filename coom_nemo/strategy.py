@@ -70,7 +70,8 @@ class CoomMegatronStrategy(nl.MegatronStrategy):
         except Exception as error:
             if failure is None:
                 raise
-            log.warning("teardown after %s also failed: %s", type(failure).__name__, error)
+            log.warning("teardown after %s also failed: %s", type(failure).__name__, error,
+                        exc_info=True)
         finally:
             if self.cpu:
                 release_global_state()

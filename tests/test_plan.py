@@ -1,6 +1,8 @@
 """Plan check: bad layouts and batch sizes fail early, naming the
 field."""
 
+import functools
+
 import fiddle as fdl
 import pytest
 import torch
@@ -136,6 +138,7 @@ def test_every_model_has_fp8_widths(name, size):
     ("qk_pos_emb_head_dim", 8, "kv_lora_rank + qk_pos_emb_head_dim (linear_kv_down_proj) is 40"),
     ("moe_ffn_hidden_size", 40, "moe_ffn_hidden_size / ETP1 is 40"),
     ("q_lora_rank", 24, "q_lora_rank is 24"),
+    ("hidden_size", 40, "hidden_size is 40"),
 ])
 def test_fp8_refuses_a_width_that_is_not_a_multiple_of_16(field, value, what):
     recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=1, precision="fp8-delayed")
@@ -173,3 +176,37 @@ def test_fp8_widths_of_an_all_moe_model_skip_the_dense_ffn():
     with pytest.raises(PlanError, match="^model.config.ffn_hidden_size: ffn_hidden_size / TP8 "
                                         "is 360"):
         check_recipe(recipe)
+
+
+def test_fp8_counts_the_mtp_projection_share_of_each_tensor_parallel_rank():
+    """MTP's eh_proj (2h -> h) is column-parallel: h / TP a rank."""
+    recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=2, layout="TP2",
+                                        precision="fp8-delayed")
+    check_recipe(recipe)
+    recipe.model.config.hidden_size = 48
+    with pytest.raises(PlanError, match=r"^model.config.hidden_size: hidden_size / TP2 \(MTP's "
+                                        r"eh_proj\) is 24, but FP8"):
+        check_recipe(recipe)
+    recipe.model.config.mtp_num_layers = None
+    check_recipe(recipe)
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, functools.partial])
+def test_nemo_local_layer_spec_counts_its_softmax(wrap):
+    """NeMo's ``local_layer_spec`` (stock NeMo without TE) keeps the
+    s x s probabilities whatever ``attention_backend`` says; the plan
+    counts them (it under-planned stock NeMo's local run by 10.6%)."""
+    from nemo.collections.llm.gpt.model.base import local_layer_spec
+
+    from coom_nemo.plan import Plan
+    from coom_nemo.recipe import _build
+
+    recipe = FACTORIES["coom_llama31_405b"](size="8b", num_nodes=1, gpus_per_node=8,
+                                            layout="TP2.CP1", micro_batch_size=1, mlperf=False)
+    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
+                           _build(recipe.plan))
+    flash = plan.memory_estimate_gb()["activations"]
+    plan.cfg.transformer_layer_spec = wrap(local_layer_spec)
+    c = plan.cfg
+    probs = c.num_attention_heads / plan.tp * plan.mbs * plan.seq_length**2 * 2 * c.num_layers
+    assert (plan.memory_estimate_gb()["activations"] - flash) * 1024**3 == pytest.approx(probs)
