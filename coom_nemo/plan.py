@@ -436,8 +436,11 @@ def _materializes_attention_probs(config) -> bool:
     # builds megatron-core's local attention whatever the backend says
     spec = _field(config, "transformer_layer_spec")
     spec = getattr(getattr(spec, "func", spec), "__name__", "")  # a partial's too
-    return ((backend in ("local", "unfused") or spec == "local_layer_spec")
-            and _field(config, "recompute_granularity") != "selective")
+    # selective recompute redoes core attention unless its modules
+    # leave it out (megatron-core's default list is ["core_attn"])
+    recomputed = (_field(config, "recompute_granularity") == "selective"
+                  and "core_attn" in (_field(config, "recompute_modules") or ["core_attn"]))
+    return (backend in ("local", "unfused") or spec == "local_layer_spec") and not recomputed
 
 
 def _precision_name(plugins, cpu: bool) -> str:

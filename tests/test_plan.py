@@ -122,6 +122,8 @@ def test_unfused_attention_counts_its_softmax_unless_recomputed(backend):
     assert (unfused - flash) * 1024**3 == pytest.approx(probs)
     plan.cfg.recompute_granularity = "selective"
     assert plan.memory_estimate_gb()["activations"] == pytest.approx(flash)
+    plan.cfg.recompute_modules = ["mlp"]  # core attention not among them
+    assert plan.memory_estimate_gb()["activations"] == pytest.approx(unfused)
 
 
 @pytest.mark.parametrize("size", ["debug", None])
