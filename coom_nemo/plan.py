@@ -438,8 +438,9 @@ def _materializes_attention_probs(config) -> bool:
     spec = getattr(getattr(spec, "func", spec), "__name__", "")  # a partial's too
     # selective recompute redoes core attention unless its modules
     # leave it out (megatron-core's default list is ["core_attn"])
+    modules = _field(config, "recompute_modules")
     recomputed = (_field(config, "recompute_granularity") == "selective"
-                  and "core_attn" in (_field(config, "recompute_modules") or ["core_attn"]))
+                  and "core_attn" in (["core_attn"] if modules is None else modules))
     return (backend in ("local", "unfused") or spec == "local_layer_spec") and not recomputed
 
 
