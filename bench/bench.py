@@ -123,6 +123,9 @@ VARIANTS = {
         "moe_router_fusion": True}),
     "moe-coom-te-bf16-mbs8-rope-fusion": Variant("moe", "coom", mbs=8, config={
         "apply_rope_fusion": True}),
+    # both, at the micro-batch an 80 GB card admits
+    "moe-coom-te-bf16-mbs4-fusions": Variant("moe", "coom", mbs=4, config={
+        "moe_router_fusion": True, "apply_rope_fusion": True}),
 }
 
 # pair name -> (stock variant, coom variants that stand for it): one
@@ -144,7 +147,8 @@ PAIRS = {
         "llama-coom-sdpa-bf16", "llama-coom-sdpa-bf16-mbs2", "llama-coom-sdpa-bf16-mbs4",
         "llama-coom-sdpa-bf16-mbs8"]),
     "moe-bf16-te": ("moe-stock-te-bf16", ["moe-coom-te-bf16", "moe-coom-te-bf16-mbs2",
-                                          "moe-coom-te-bf16-mbs4", "moe-coom-te-bf16-mbs8"]),
+                                          "moe-coom-te-bf16-mbs4", "moe-coom-te-bf16-mbs8",
+                                          "moe-coom-te-bf16-mbs4-fusions"]),
 }
 
 

@@ -163,7 +163,7 @@ declare -A BENCH_SETS=(
   # MoE up to 4 (its activations are 3.6 GB a micro-batch beside 48 GB of weights and Adam)
   [te-free-80g]="^llama-stock-local-bf16$ ^llama-coom-sdpa-bf16-mbs2$ ^llama-coom-sdpa-bf16$"
   [te-80g]="^llama-stock-te-fp8$ ^llama-coom-te-fp8-mbs2$ ^moe-stock-te-bf16$ ^moe-coom-te-bf16-mbs4$
-            ^moe-coom-te-bf16-mbs2$
+            ^moe-coom-te-bf16-mbs4-fusions$ ^moe-coom-te-bf16-mbs2$
             ^llama-coom-te-fp8-mbs2-sdpa$ ^llama-stock-te-bf16$ ^llama-coom-te-bf16-mbs2-sdpa$
             ^llama-coom-te-bf16-mbs2$ ^llama-coom-te-fp8-mbs2-te-swiglu$ ^moe-coom-te-bf16$
             ^llama-coom-te-fp8$"
