@@ -51,27 +51,32 @@ def test_sdpa_matches_local_attention_gqa(model_parallel, window):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_deterministic_mode_runs_the_math_kernels(model_parallel, monkeypatch, deterministic):
-    """The flash and memory-efficient backwards use atomics; with
-    ``deterministic_mode`` only the math path may run."""
+def kernels_enabled(monkeypatch, cfg) -> dict[str, bool]:
+    """The SDPA backends enabled while the module of ``cfg`` calls
+    SDPA (a causal GQA call), by name."""
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
-        seen.append((torch.backends.cuda.flash_sdp_enabled(),
-                     torch.backends.cuda.mem_efficient_sdp_enabled(),
-                     torch.backends.cuda.math_sdp_enabled()))
+        cuda = torch.backends.cuda
+        seen.append(dict(flash=cuda.flash_sdp_enabled(),
+                         efficient=cuda.mem_efficient_sdp_enabled(),
+                         math=cuda.math_sdp_enabled(), cudnn=cuda.cudnn_sdp_enabled()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    module = sdpa.SDPACoreAttention(config(deterministic_mode=deterministic), 1,
-                                    AttnMaskType.causal, "self", pg_collection=ONE_RANK)
-    q, k, v = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8)
-    module(q, k, v, None)
-    flash, efficient, math = seen[0]
-    assert math
-    assert (flash or efficient) != deterministic
+    module = sdpa.SDPACoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=ONE_RANK)
+    module(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8), None)
+    return seen[0]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_mode_runs_the_math_kernels(model_parallel, monkeypatch, deterministic):
+    """The flash and memory-efficient backwards use atomics; with
+    ``deterministic_mode`` only the math path may run."""
+    enabled = kernels_enabled(monkeypatch, config(deterministic_mode=deterministic))
+    assert enabled["math"]
+    assert (enabled["flash"] or enabled["efficient"]) != deterministic
     assert torch.backends.cuda.flash_sdp_enabled()  # restored afterwards
 
 
@@ -79,21 +84,10 @@ def test_deterministic_mode_runs_the_math_kernels(model_parallel, monkeypatch, d
 def test_sdpa_with_te_keeps_cudnn_attention_out(model_parallel, monkeypatch, with_te):
     """``sdpa_with_te`` is there to route around cuDNN's attention, so
     SDPA must not pick cuDNN's kernel then; else PyTorch chooses."""
-    seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(),
-                     torch.backends.cuda.flash_sdp_enabled()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     cfg = config()
     cfg.sdpa_with_te = with_te
-    module = sdpa.SDPACoreAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=ONE_RANK)
-    module(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8), None)
-    cudnn, flash = seen[0]
-    assert flash and cudnn != with_te
+    enabled = kernels_enabled(monkeypatch, cfg)
+    assert enabled["flash"] and enabled["cudnn"] != with_te
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
 
 
