@@ -157,6 +157,8 @@ class Plan:
         self._check_batch()
         if self.precision.startswith("fp8"):
             self._check_fp8_widths()
+        if self.precision == "fp8-delayed":
+            self._check_delayed_scaling()
         if self.check_memory:
             self._check_memory()
         return self
@@ -264,6 +266,26 @@ class Plan:
                 raise PlanError(field, f"{what} is {width}, but FP8 GEMMs need widths that are "
                                 "multiples of 16",
                                 "change it to a multiple of 16, or train in bf16")
+
+    def _check_delayed_scaling(self) -> None:
+        """megatron-core 0.15.3 has the shared experts' ``linear_fc1``
+        keep its BF16 input for the backward unless they are recomputed
+        (megatron/core/transformer/moe/shared_experts.py:65-86); TE
+        refuses that under delayed scaling in the first forward
+        ("DelayedScaling recipe is not supported with
+        save_original_input", seen on an H100, 2026-12-07)."""
+        c = self.cfg
+        if not _field(c, "moe_shared_expert_intermediate_size"):
+            return
+        modules = _field(c, "recompute_modules") or []
+        if _field(c, "recompute_granularity") == "selective" and "shared_experts" in modules:
+            return
+        raise PlanError("trainer.plugins",
+                        "FP8 delayed scaling with shared experts: megatron-core has their "
+                        "linear_fc1 save its BF16 input, which TE refuses under delayed scaling",
+                        "use --precision fp8-current or fp8-blockwise, or recompute the shared "
+                        "experts (recompute_granularity='selective', recompute_modules="
+                        "['shared_experts'], moe_shared_expert_overlap=False)")
 
     def _gemm_widths(self):
         """(field, what, width) of each GEMM dimension a rank runs."""

@@ -544,8 +544,7 @@ def test_experts_not_divisible_by_ep_fail_before_launch(run_cmd):
 
 
 @pytest.mark.skipif(has_transformer_engine(), reason="TransformerEngine imports here")
-@pytest.mark.parametrize("precision, scaling", [("fp8-delayed", "delayed"),
-                                                ("fp8-current", "tensorwise"),
+@pytest.mark.parametrize("precision, scaling", [("fp8-current", "tensorwise"),
                                                 ("fp8-blockwise", "blockwise")])
 def test_fp8_without_transformer_engine_fails_before_a_local_launch(precision, scaling, capsys):
     code = launch.main(deepseek.pretrain_recipe, "16b",
@@ -556,6 +555,17 @@ def test_fp8_without_transformer_engine_fails_before_a_local_launch(precision, s
                       "TransformerEngine, which does not import on this host; use "
                       "precision='bf16', or run in a container with TransformerEngine "
                       "(nvcr.io/nvidia/nemo:26.02)"]
+
+
+def test_fp8_delayed_scaling_is_refused_before_a_launch(capsys):
+    """Shared experts under delayed scaling fail in TE's first
+    forward on a GPU; the launcher says so in one line, first."""
+    code = launch.main(deepseek.pretrain_recipe, "16b",
+                       ["--size", "debug", "--gpus-per-node", "1", "--precision", "fp8-delayed"])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: trainer.plugins: FP8 delayed scaling with shared experts")
 
 
 def test_fp8_in_cpu_mode_is_refused_not_silently_dropped():

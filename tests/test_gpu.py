@@ -102,6 +102,11 @@ def test_family_trains_and_checkpoints_on_one_gpu(name, factory, changes, tmp_pa
 @pytest.mark.parametrize("name, factory, changes", [FAMILIES[0], FAMILIES[3]],
                          ids=["llama", "deepseek"])
 def test_fp8_trains_on_one_gpu(name, factory, changes, precision, tmp_path):
+    if factory == "coom_deepseek" and precision == "fp8-delayed":
+        # the way out the plan check names for shared experts under
+        # delayed scaling (coom_nemo/plan.py, _check_delayed_scaling)
+        changes = {**changes, "recompute_granularity": "selective",
+                   "recompute_modules": ["shared_experts"], "moe_shared_expert_overlap": False}
     recipe = debug_recipe(factory, tmp_path, changes, precision=precision)
     recorder, _ = train(recipe)
     assert all(torch.isfinite(torch.tensor(recorder.losses))), recorder.losses
@@ -242,6 +247,10 @@ def _kill_then_resume(tmp_path, gpus: int) -> None:
     code, out, seconds = _launch(tmp_path, tmp_path / "killed", 20, gpus=gpus, timeout=limit,
                                  env={"COOM_INJECT_FAULT": f"kill@13:rank{gpus - 1}"})
     assert code != 0, "the job with a killed rank exited 0"
+    # the console, not TensorBoard, shows how far it got: kill -9 loses
+    # the events TensorBoard's writer still buffers (on an H100 the
+    # last one it kept was step 11 of 12, 2026-12-07)
+    assert "injecting fault 'kill' after step 13" in out, out[-3000:]
     code, out, _ = _launch(tmp_path, tmp_path / "killed", 20, gpus=gpus, timeout=limit)
     assert code == 0, out[-4000:]
     before, after = _tensorboard_losses(tmp_path / "killed")
@@ -251,7 +260,6 @@ def _kill_then_resume(tmp_path, gpus: int) -> None:
            last_step_before=max(before), resumed_from=start, steps=steps,
            straight=[straight[s] for s in steps], resumed=[after.get(s) for s in steps])
     assert 5 < start <= 12, f"resumed at step {start}, not from the step-10 checkpoint"
-    assert max(before) >= 12
     assert [after.get(s) for s in steps] == [straight[s] for s in steps]
 
 

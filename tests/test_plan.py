@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coom_nemo.plan import PlanError
-from coom_nemo.recipe import Layout, check_recipe
+from coom_nemo.recipe import PRECISIONS, Layout, check_recipe
 from coom_nemo.recipes import FACTORIES, llama31_405b
 
 
@@ -132,8 +132,8 @@ def test_unfused_attention_counts_its_softmax_unless_recomputed(backend):
 def test_every_model_has_fp8_widths(name, size):
     """Each family's preset and debug size meet FP8's multiples of 16
     at its default layout (the DeepSeek debug size did not: 40)."""
-    recipe = FACTORIES[name](precision="fp8-delayed", **({"size": size} if size else {}))
-    assert check_recipe(recipe).precision == "fp8-delayed"
+    recipe = FACTORIES[name](precision="fp8-current", **({"size": size} if size else {}))
+    assert check_recipe(recipe).precision == "fp8-tensorwise"
 
 
 @pytest.mark.parametrize("field, value, what", [
@@ -143,7 +143,7 @@ def test_every_model_has_fp8_widths(name, size):
     ("hidden_size", 40, "hidden_size is 40"),
 ])
 def test_fp8_refuses_a_width_that_is_not_a_multiple_of_16(field, value, what):
-    recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=1, precision="fp8-delayed")
+    recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=1, precision="fp8-current")
     setattr(recipe.model.config, field, value)
     with pytest.raises(PlanError) as error:
         check_recipe(recipe)
@@ -183,7 +183,7 @@ def test_fp8_widths_of_an_all_moe_model_skip_the_dense_ffn():
 def test_fp8_counts_the_mtp_projection_share_of_each_tensor_parallel_rank():
     """MTP's eh_proj (2h -> h) is column-parallel: h / TP a rank."""
     recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=2, layout="TP2",
-                                        precision="fp8-delayed")
+                                        precision="fp8-blockwise")
     check_recipe(recipe)
     recipe.model.config.hidden_size = 48
     with pytest.raises(PlanError, match=r"^model.config.hidden_size: hidden_size / TP2 \(MTP's "
@@ -191,6 +191,34 @@ def test_fp8_counts_the_mtp_projection_share_of_each_tensor_parallel_rank():
         check_recipe(recipe)
     recipe.model.config.mtp_num_layers = None
     check_recipe(recipe)
+
+
+def test_fp8_delayed_scaling_with_shared_experts_is_refused_unless_they_are_recomputed():
+    """TE refuses the BF16 input megatron-core has the shared experts
+    keep under delayed scaling (a DeepSeek debug run on an H100 failed
+    so in its first forward); the refusal names both ways out."""
+    recipe = FACTORIES["coom_deepseek"](size="debug", gpus_per_node=1, precision="fp8-current")
+    check_recipe(recipe)
+    recipe.trainer.plugins = PRECISIONS["fp8-delayed"]()
+    with pytest.raises(PlanError) as error:
+        check_recipe(recipe)
+    assert error.value.field == "trainer.plugins"
+    assert str(error.value) == (
+        "trainer.plugins: FP8 delayed scaling with shared experts: megatron-core has their "
+        "linear_fc1 save its BF16 input, which TE refuses under delayed scaling; use "
+        "--precision fp8-current or fp8-blockwise, or recompute the shared experts "
+        "(recompute_granularity='selective', recompute_modules=['shared_experts'], "
+        "moe_shared_expert_overlap=False)")
+    config = recipe.model.config
+    config.recompute_granularity, config.recompute_modules = "selective", ["core_attn"]
+    with pytest.raises(PlanError, match="^trainer.plugins: FP8 delayed scaling with shared"):
+        check_recipe(recipe)
+    config.recompute_modules = ["shared_experts"]
+    config.moe_shared_expert_overlap = False
+    assert check_recipe(recipe).precision == "fp8-delayed"
+    config.moe_shared_expert_intermediate_size = None  # no shared experts: nothing to refuse
+    config.recompute_granularity = None
+    assert check_recipe(recipe).precision == "fp8-delayed"
 
 
 @pytest.mark.parametrize("wrap", [lambda f: f, functools.partial])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel import RowParallelLinear
@@ -66,6 +68,37 @@ class LocalExpertRowParallelLinear(RowParallelLinear):
         self.explicit_expert_comm = self.is_expert
 
 
+class StatelessExtraState:
+    """For megatron-core's TE grouped linears (the experts): checkpoints
+    under FP8 recipes that keep no state (current scaling, blockwise).
+
+    TE 2.20 writes "no FP8 state" as an empty tensor; megatron-core
+    0.15.3 decodes it as FP8 metadata whenever FP8 runs and fails in
+    the save ("'NoneType' object is not subscriptable",
+    megatron/core/extensions/transformer_engine.py:1302-1310; seen on
+    an H100, 2026-12-07). Each expert gets the empty state instead, as
+    Megatron-LM's later fix (PR #6509) does."""
+
+    def _split_extra_state(self, state):
+        if isinstance(state, torch.Tensor) and state.numel() == 0:
+            return [state] * self.num_gemms
+        return super()._split_extra_state(state)
+
+
+@functools.cache
+def with_stateless_extra_state(cls: type) -> type:
+    """``cls``, a TE grouped linear, with the fix above."""
+    return type(cls.__name__, (StatelessExtraState, cls), {"__module__": __name__})
+
+
+def _grouped_experts_with_stateless_state(experts) -> None:
+    for name in ("linear_fc1", "linear_fc2"):
+        linear = getattr(experts.submodules, name, None)
+        if (isinstance(linear, type) and hasattr(linear, "_split_extra_state")
+                and not issubclass(linear, StatelessExtraState)):
+            setattr(experts.submodules, name, with_stateless_extra_state(linear))
+
+
 def _bind_missing_te_names() -> None:
     """megatron/core/transformer/moe/moe_utils.py:958 reads
     ``te_general_gemm``, bound only when TE imports (NameError once
@@ -82,9 +115,10 @@ def layer_spec(config, vp_stage: int | None = None):
     megatron-core's decoder block spec places MoE layers by
     ``moe_layer_freq`` and honours the pipeline layout; TE modules are
     used where :func:`use_transformer_engine`, else megatron-core's
-    local modules with the fixes above (expert biases, sinks, MLA)
-    and SDPA core attention where :func:`sdpa.usable` (with TE too,
-    where the config asks for ``sdpa_with_te``).
+    local modules with the fixes above (expert biases, sinks, MLA;
+    with TE, the experts' checkpoint state) and SDPA core attention
+    where :func:`sdpa.usable` (with TE too, where the config asks for
+    ``sdpa_with_te``).
     ``attention_gate`` swaps in gated attention (``gated_attention``).
     """
     te = use_transformer_engine()
@@ -100,10 +134,11 @@ def layer_spec(config, vp_stage: int | None = None):
     for layer in block.layer_specs:
         if core is not None:
             layer.submodules.self_attention.submodules.core_attention = core
-        if not te:
-            experts = getattr(layer.submodules.mlp.submodules, "experts", None)
-            if experts is not None and experts.module is SequentialMLP:
-                experts.submodules.linear_fc2 = LocalExpertRowParallelLinear
+        experts = getattr(layer.submodules.mlp.submodules, "experts", None)
+        if experts is not None and te:
+            _grouped_experts_with_stateless_state(experts)
+        elif experts is not None and experts.module is SequentialMLP:
+            experts.submodules.linear_fc2 = LocalExpertRowParallelLinear
         if getattr(config, "attention_gate", False):
             gate_layer(layer, use_transformer_engine=te)
     return block
