@@ -114,13 +114,21 @@ class Plan:
         options = options or PlanOptions()
         strategy = _field(trainer, "strategy")
         cfg = _field(model, "config")
-        if cfg is not None and not hasattr(cfg, "__dataclass_fields__"):
-            import fiddle as fdl
-
-            cfg = fdl.build(cfg)
         devices = _field(trainer, "num_devices") or _field(trainer, "devices", 1)
         accelerator = _field(trainer, "accelerator", "gpu")
         cpu = "cpu" in str(type(accelerator).__name__).lower() or accelerator == "cpu"
+        if cfg is not None and not hasattr(cfg, "__dataclass_fields__"):
+            import fiddle as fdl
+            import torch
+
+            cfg = fdl.build(cfg)
+            if not cpu and not torch.cuda.is_available():
+                # a GPU run planned off the node (a login node, a
+                # laptop): the recipe as the node builds it (the NeMo
+                # container has TE), not as this host would; the node
+                # checks its own plan again before it trains (api.py)
+                for name, value in getattr(cfg, "as_recipe", {}).items():
+                    setattr(cfg, name, value)
         plugins = _field(trainer, "plugins") or _field(strategy, "precision_plugin")
         precision = _precision_name(plugins, cpu)
         opt_cfg = _field(optim, "config")
@@ -358,7 +366,6 @@ class Plan:
         p = count_params(c, self.tp)
         h = int(c.hidden_size)
         layers = int(c.num_layers)
-        experts = int(_field(c, "num_moe_experts", 0))
         expert_share = p.routed_experts
         dense = p.total - p.embedding - expert_share
         etp = self.etp or self.tp
@@ -381,19 +388,10 @@ class Plan:
             states = (stage_dense + stage_expert) * optim_bytes
         weights = (stage_dense + stage_expert) * (weight_bytes + grad_bytes)
         act_bytes = 2 if self.precision != "fp32" else 4
-        ffn = int(_field(c, "moe_ffn_hidden_size", 0) or c.ffn_hidden_size) if experts else int(
-            c.ffn_hidden_size)
-        topk = int(_field(c, "moe_router_topk", 1)) if experts else 1
-        up = 2 * ffn if _field(c, "gated_linear_unit", False) else ffn
-        heads = int(c.num_attention_heads)
-        kv_ratio = int(_field(c, "num_query_groups", heads)) / heads
         tokens = self.seq_length * self.mbs / self.cp
-        # Tensors a layer saves for backward, in elements per token (TE
-        # spec, flash attention, no dropout): norm inputs and outputs
-        # (4h), Q/K/V (h(1+2g/a)), attention output (h), residual (h),
-        # then the MLP's fc1 output and activation output per routed
-        # copy.
-        per_token = (6 + 2 * kv_ratio) * h + topk * (up + ffn)
+        heads = int(c.num_attention_heads)
+        # elements a token keeps for the backward, averaged over layers
+        per_token = sum(_saved_per_token(c, i) for i in range(layers)) / layers
         per_layer = tokens * per_token * act_bytes
         per_layer /= self.tp if self.sp or self.tp == 1 else 1
         if _materializes_attention_probs(c):
@@ -409,6 +407,12 @@ class Plan:
         if self.vp and self.pp > 1:
             in_flight *= 1 + (self.pp - 1) / (self.pp * self.vp)
         activations = per_layer * in_flight
+        # multi-token prediction (last stage, one micro-batch): its
+        # layers (the last layer's kind) and, per depth, the shifted
+        # embedding, two norms, the 2h concat and eh_proj's output
+        mtp = int(_field(c, "mtp_num_layers", 0) or 0)
+        activations += (mtp * tokens * (_saved_per_token(c, layers - 1) + 6 * h) * act_bytes
+                        / (self.tp if self.sp or self.tp == 1 else 1))
         # the output layer's 16-bit logits, kept for its backward, and
         # the loss's fp32 copy of them (6 bytes a logit; 4 in fp32).
         # TE's fused cross entropy writes its gradient into the logits
@@ -417,7 +421,8 @@ class Plan:
         if (logit_bytes == 6 and _field(c, "cross_entropy_loss_fusion", False)
                 and _field(c, "cross_entropy_fusion_impl", "native") == "te"):
             logit_bytes = 2
-        logits = tokens * int(p.embedding / h / (1 if _field(
+        # (one set for the model's own loss, one per MTP depth)
+        logits = (1 + mtp) * tokens * int(p.embedding / h / (1 if _field(
             c, "share_embeddings_and_output_weights", False) else 2)) * logit_bytes / self.tp
         overhead = 3e9  # CUDA context, NCCL buffers, allocator slack
         gib = 1024**3
@@ -445,6 +450,54 @@ class Plan:
                 "raise TP/PP (or EP for experts), use the distributed optimizer, "
                 "enable activation recompute or lower the micro batch size",
             )
+
+
+def _saved_per_token(c, layer: int) -> float:
+    """Elements one token keeps for the backward in layer ``layer``
+    (TE spec, flash attention, no dropout; after Korthikanti et al.,
+    2022): both norms' inputs and outputs, attention's Q, K, V and
+    output, then the MLP's; less what selective recompute redoes.
+
+    MLA keeps its latent KV, its normed copy and the roped Q and K.
+    An expert layer keeps, per routed copy of the token (top-k), fc1's
+    input (the permuted token), fc1's and the activation's outputs and
+    fc2's output (unpermute weighs it by the router's probability), and
+    the shared experts' fc1 and activation outputs (the MoE proxy's
+    measured peaks at MBS 1, 2 and 4 are in tests/test_bench.py)."""
+    h, heads = int(c.hidden_size), int(c.num_attention_heads)
+    modules = set()
+    if _field(c, "recompute_granularity") == "selective":
+        listed = _field(c, "recompute_modules")  # megatron-core's default: core_attn
+        modules = set(["core_attn"] if listed is None else listed)
+    saved = 2 * h if "layernorm" in modules else 4 * h  # the norms' outputs are redone
+    if _field(c, "multi_latent_attention", False):
+        qk = heads * (int(c.qk_head_dim) + int(c.qk_pos_emb_head_dim))
+        value = heads * int(c.v_head_dim)
+        latent = int(c.kv_lora_rank) + int(c.qk_pos_emb_head_dim)
+        q_rank = int(_field(c, "q_lora_rank", 0) or 0)
+        saved += value + latent + int(c.kv_lora_rank) + 2 * q_rank
+        if "mla_up_proj" not in modules:  # Q, K and V out of the up projections
+            saved += 2 * qk + value
+    else:
+        channels = int(_field(c, "kv_channels", h // heads) or h // heads)
+        groups = int(_field(c, "num_query_groups", heads) or heads)
+        saved += 2 * heads * channels + 2 * groups * channels
+
+    def mlp(width: int, act_recomputed: bool = False) -> int:
+        up = 2 * width if _field(c, "gated_linear_unit", False) else width
+        return up + (0 if act_recomputed else width)
+
+    if not is_moe_layer(c, layer):
+        return saved + (0 if "mlp" in modules else mlp(int(c.ffn_hidden_size)))
+    if "moe" in modules:
+        return saved
+    topk = int(_field(c, "moe_router_topk", 1))
+    expert_ffn = int(_field(c, "moe_ffn_hidden_size", 0) or c.ffn_hidden_size)
+    saved += topk * (2 * h + mlp(expert_ffn, "moe_act" in modules))
+    shared = int(_field(c, "moe_shared_expert_intermediate_size", 0) or 0)
+    if shared and "shared_experts" not in modules:
+        saved += mlp(shared)
+    return saved
 
 
 def _materializes_attention_probs(config) -> bool:

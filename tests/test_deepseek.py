@@ -571,3 +571,23 @@ def test_fp8_delayed_scaling_is_refused_before_a_launch(capsys):
 def test_fp8_in_cpu_mode_is_refused_not_silently_dropped():
     with pytest.raises(PlanError, match="^precision: fp8-current needs TransformerEngine"):
         deepseek.pretrain_recipe(size="debug", cpu=True, precision="fp8-current")
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_mla_rope_fusion_opts_into_megatron_experimental_code(fusion, monkeypatch):
+    """megatron-core 0.15.3's fused MLA RoPE raises in the first
+    forward unless its experimental flag is on (a MoE bench run on an
+    H100 did, 2026-12-07); asking for the fusion turns it on, and
+    nothing else does."""
+    import fiddle as fdl
+    from megatron.core import config as mcore_config
+
+    from coom_nemo.models import base
+
+    monkeypatch.setattr(base, "has_transformer_engine", lambda: True)  # keeps the fusion on
+    monkeypatch.setattr(mcore_config, "ENABLE_EXPERIMENTAL", False)
+    recipe = deepseek.pretrain_recipe(size="debug", cpu=True)
+    recipe.model.config.apply_rope_fusion = fusion
+    config = fdl.build(recipe.model.config)
+    assert config.multi_latent_attention and config.apply_rope_fusion is fusion
+    assert mcore_config.is_experimental_enabled() is fusion

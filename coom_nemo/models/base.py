@@ -43,7 +43,9 @@ _NEEDS_CUDA = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_l
 
 def adapt_to_runtime(config) -> list[str]:
     """Turn off fusions this host cannot run; return what was turned
-    off."""
+    off. What the recipe asked for stays in ``config.as_recipe``
+    (field -> value): a plan made here for a GPU node reads it
+    (:mod:`coom_nemo.plan`)."""
     missing = []
     if not has_transformer_engine():
         missing += _NEEDS_TE
@@ -51,11 +53,22 @@ def adapt_to_runtime(config) -> list[str]:
         missing += _NEEDS_APEX
     if not torch.cuda.is_available():
         missing += _NEEDS_CUDA
+    asked = {name: getattr(config, name) for name in
+             (*missing, "cross_entropy_fusion_impl", "recompute_modules")
+             if hasattr(config, name)}
     turned_off = [name for name in missing if getattr(config, name, False)]
     for name in turned_off:
         setattr(config, name, False)
     if not has_transformer_engine() and getattr(config, "cross_entropy_fusion_impl", "") == "te":
         config.cross_entropy_fusion_impl = "native"
+    modules = getattr(config, "recompute_modules", None) or []
+    if "moe_act" in modules and not getattr(config, "moe_grouped_gemm", False):
+        # megatron-core recomputes the experts' activation only in its
+        # grouped GEMM experts (transformer_config.py:963 refuses it)
+        config.recompute_modules = [m for m in modules if m != "moe_act"]
+        turned_off.append("recompute of moe_act")
+    config.as_recipe = {name: value for name, value in asked.items()
+                        if getattr(config, name) != value}
     if not torch.cuda.is_available():
         config.use_cpu_initialization = True
     return turned_off
@@ -90,4 +103,14 @@ class CoomConfig:
         turned_off = adapt_to_runtime(self)
         if turned_off:
             log.info("fusions off (kernels missing on this host): %s", ", ".join(turned_off))
+        if getattr(self, "apply_rope_fusion", False) and getattr(self, "multi_latent_attention",
+                                                                 False):
+            # megatron-core 0.15.3 marks its fused MLA RoPE experimental
+            # and raises without the flag in the first forward
+            # (fusions/fused_mla_yarn_rope_apply.py:327,736): asking for
+            # the fusion opts in (as MegatronEnableExperimentalCallback)
+            from megatron.core.config import set_experimental_flag
+
+            set_experimental_flag(True)
+            log.info("apply_rope_fusion with MLA: megatron-core's experimental flag is on")
         super().__post_init__()
