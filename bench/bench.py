@@ -78,6 +78,9 @@ VARIANTS = {
     # PyTorch's SDPA for core attention in TE's layers: around cuDNN's
     # fused attention (the BF16 NaN, bench/RESULTS.md)
     "llama-coom-te-bf16-sdpa": Variant("llama", "coom", config={"sdpa_with_te": True}),
+    # the one model-config difference from stock NeMo's BF16 run
+    "llama-coom-te-bf16-native-ce": Variant("llama", "coom", config={
+        "cross_entropy_fusion_impl": "native"}),
     "llama-coom-te-bf16-mbs2-sdpa": Variant("llama", "coom", mbs=2,
                                             config={"sdpa_with_te": True}),
     # TE node, FP8
@@ -149,6 +152,9 @@ PAIRS = {
     "moe-bf16-te": ("moe-stock-te-bf16", ["moe-coom-te-bf16", "moe-coom-te-bf16-mbs2",
                                           "moe-coom-te-bf16-mbs4", "moe-coom-te-bf16-mbs8",
                                           "moe-coom-te-bf16-mbs4-fusions"]),
+    # the same micro-batch on both sides (stock NeMo ships MBS 1)
+    "moe-bf16-te-same-mbs": ("moe-stock-te-bf16-mbs4", ["moe-coom-te-bf16-mbs4",
+                                                        "moe-coom-te-bf16-mbs4-fusions"]),
 }
 
 
@@ -596,8 +602,8 @@ def main(argv=None) -> int:
     p.add_argument("--trace-nan", action="store_true",
                    help="rerun a variant that hit NaN with hooks naming the first module")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="results.json, bench.log")
-    p.add_argument("--repeat", type=int, default=1, help="runs of each variant (the k-th "
-                   "is reported as name#k)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the variants (the k-th "
+                   "run of each is reported as name#k)")
     p.add_argument("--budget", type=float, default=0, help="seconds: start no variant that "
                    "would end past this, judged by the longest one so far (0: no limit)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -611,7 +617,9 @@ def main(argv=None) -> int:
     names = list(VARIANTS) if not args.only else []
     for pattern in args.only or []:  # in the order asked for
         names += [n for n in VARIANTS if re.search(pattern, n) and n not in names]
-    keys = [n if k == 1 else f"{n}#{k}" for n in names for k in range(1, args.repeat + 1)]
+    # repeats interleaved (a, b, a#2, b#2, ...): variants compared in
+    # like conditions, and a budget cut leaves whole rounds
+    keys = [n if k == 1 else f"{n}#{k}" for k in range(1, args.repeat + 1) for n in names]
     started, longest = time.time(), 0.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

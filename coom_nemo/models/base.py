@@ -85,11 +85,11 @@ class CoomConfig:
             head's attention output before the output projection.
         sdpa_with_te: Core attention through PyTorch's SDPA (flash or
             memory-efficient kernels, never cuDNN's) also where the
-            rest of the layer is TransformerEngine's: a way around
-            TE's cuDNN fused attention, under which BF16 runs hit NaN
-            in the first step's gradients on an H100 with cuDNN 9.14
-            (2 of 5 runs, bench/RESULTS.md; cuDNN 9.18 fixed a Hopper
-            attention-backward bug, TransformerEngine#2186).
+            rest of the layer is TransformerEngine's. Tried as a way
+            around the NaN that BF16 runs on the TE spec hit in the
+            first step's gradients; it is not one (1 of 6 runs with it
+            hit NaN too, bench/RESULTS.md), and FP8 is 6% slower with
+            it: off by default.
     """
 
     attention_gate: bool = False
