@@ -283,10 +283,21 @@ class Plan:
         ("DelayedScaling recipe is not supported with
         save_original_input", seen on an H100, 2026-12-07)."""
         c = self.cfg
-        if not _field(c, "moe_shared_expert_intermediate_size"):
-            return
-        modules = _field(c, "recompute_modules") or []
-        if _field(c, "recompute_granularity") == "selective" and "shared_experts" in modules:
+        selective = _field(c, "recompute_granularity") == "selective"
+        modules = (_field(c, "recompute_modules") or []) if selective else []
+        # the same for the layers whose norm or expert activation is
+        # recomputed (transformer_layer.py:383-396, experts.py:813);
+        # megatron-core's own check (transformer_config.py:990) runs
+        # before NeMo sets FP8 on the config, so it never sees this
+        redone = [m for m in ("layernorm", "moe_act") if m in modules]
+        if redone:
+            raise PlanError("model.config.recompute_modules",
+                            f"recompute of {' and '.join(redone)} under FP8 delayed scaling: "
+                            "megatron-core then has the next linear save its BF16 input, which "
+                            "TE refuses under delayed scaling",
+                            f"drop {' and '.join(redone)} from recompute_modules, or use "
+                            "--precision fp8-current or fp8-blockwise")
+        if not _field(c, "moe_shared_expert_intermediate_size") or "shared_experts" in modules:
             return
         raise PlanError("trainer.plugins",
                         "FP8 delayed scaling with shared experts: megatron-core has their "
@@ -458,9 +469,10 @@ def _saved_per_token(c, layer: int) -> float:
     2022): both norms' inputs and outputs, attention's Q, K, V and
     output, then the MLP's; less what selective recompute redoes.
 
-    MLA keeps its latent KV, its normed copy and the roped Q and K.
-    An expert layer keeps, per routed copy of the token (top-k), fc1's
-    input (the permuted token), fc1's and the activation's outputs and
+    MLA keeps its latent KV, its normed copy and the roped Q and K;
+    gated attention its gate and the gated output. An expert layer
+    keeps, per routed copy of the token (top-k), fc1's input (the
+    permuted token), fc1's and the activation's outputs and
     fc2's output (unpermute weighs it by the router's probability), and
     the shared experts' fc1 and activation outputs (the MoE proxy's
     measured peaks at MBS 1, 2 and 4 are in tests/test_bench.py)."""
@@ -481,7 +493,10 @@ def _saved_per_token(c, layer: int) -> float:
     else:
         channels = int(_field(c, "kv_channels", h // heads) or h // heads)
         groups = int(_field(c, "num_query_groups", heads) or heads)
-        saved += 2 * heads * channels + 2 * groups * channels
+        value = heads * channels
+        saved += 2 * value + 2 * groups * channels
+    if _field(c, "attention_gate", False):
+        saved += 2 * value  # the gate's sigmoid, and the gated output linear_proj reads
 
     def mlp(width: int, act_recomputed: bool = False) -> int:
         up = 2 * width if _field(c, "gated_linear_unit", False) else width

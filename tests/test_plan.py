@@ -171,7 +171,7 @@ def test_fp8_refuses_a_tensor_parallel_share_that_is_not_a_multiple_of_16():
 def test_fp8_widths_of_an_all_moe_model_skip_the_dense_ffn():
     """GPT-OSS has experts in every layer: its ``ffn_hidden_size``
     (2880, 360 a rank at TP8) makes no GEMM and must not be refused."""
-    recipe = FACTORIES["coom_gpt_oss_20b"](precision="fp8-delayed", gpus_per_node=8,
+    recipe = FACTORIES["coom_gpt_oss_20b"](precision="fp8-current", gpus_per_node=8,
                                            layout="TP8.ETP1")
     assert check_recipe(recipe).tp == 8
     recipe.model.config.moe_layer_freq = [0] + [1] * (recipe.model.config.num_layers - 1)
@@ -219,6 +219,49 @@ def test_fp8_delayed_scaling_with_shared_experts_is_refused_unless_they_are_reco
     config.moe_shared_expert_intermediate_size = None  # no shared experts: nothing to refuse
     config.recompute_granularity = None
     assert check_recipe(recipe).precision == "fp8-delayed"
+
+
+def test_gated_attention_and_mtp_count_what_they_keep_for_the_backward():
+    """The gate keeps its sigmoid and the gated output (2 x heads x
+    head width a token and layer); each MTP depth a layer of the last
+    layer's kind, its own 6h, and a second set of logits."""
+    from coom_nemo.plan import Plan, _saved_per_token
+    from coom_nemo.recipe import _build
+
+    recipe = FACTORIES["coom_gpt_oss_20b_gated"](size="debug", gpus_per_node=1)
+    plan = Plan.from_parts(recipe.model, recipe.data, recipe.trainer, recipe.optim,
+                           _build(recipe.plan))
+    c, tokens = plan.cfg, plan.seq_length * plan.mbs
+    gated = plan.memory_estimate_gb()["activations"] * 1024**3
+    c.attention_gate = False
+    plain = plan.memory_estimate_gb()["activations"] * 1024**3
+    assert gated - plain == pytest.approx(
+        2 * c.num_attention_heads * c.kv_channels * tokens * 2 * c.num_layers)
+    c.mtp_num_layers = 1
+    logits = tokens * c.vocab_size * 2  # TE's cross entropy, as the node builds it
+    assert plan.memory_estimate_gb()["activations"] * 1024**3 - plain == pytest.approx(
+        tokens * (_saved_per_token(c, c.num_layers - 1) + 6 * c.hidden_size) * 2 + logits,
+        rel=1e-3)
+
+
+def test_fp8_delayed_scaling_with_a_recomputed_norm_or_expert_activation_is_refused():
+    """GPT-OSS 20B recomputes its experts' activation; under delayed
+    scaling TE refuses what that recompute has the next linear keep,
+    and megatron-core's own check never sees FP8 (NeMo sets it on the
+    config after the config's checks ran)."""
+    with pytest.raises(PlanError) as error:
+        FACTORIES["coom_gpt_oss_20b"](precision="fp8-delayed")
+    assert str(error.value) == (
+        "model.config.recompute_modules: recompute of moe_act under FP8 delayed scaling: "
+        "megatron-core then has the next linear save its BF16 input, which TE refuses under "
+        "delayed scaling; drop moe_act from recompute_modules, or use --precision fp8-current "
+        "or fp8-blockwise")
+    recipe = FACTORIES["coom_gpt_oss_20b"](precision="fp8-current")
+    recipe.trainer.plugins = PRECISIONS["fp8-delayed"]()
+    recipe.model.config.recompute_modules = ["core_attn"]
+    assert check_recipe(recipe).precision == "fp8-delayed"
+    with pytest.raises(PlanError, match="recompute of layernorm under FP8 delayed"):
+        FACTORIES["coom_deepseek_v3"](precision="fp8-delayed")
 
 
 @pytest.mark.parametrize("wrap", [lambda f: f, functools.partial])
