@@ -104,10 +104,17 @@ def test_family_trains_and_checkpoints_on_one_gpu(name, factory, changes, tmp_pa
 def test_fp8_trains_on_one_gpu(name, factory, changes, precision, tmp_path):
     if factory == "coom_deepseek" and precision == "fp8-delayed":
         # the way out the plan check names for shared experts under
-        # delayed scaling (coom_nemo/plan.py, _check_delayed_scaling)
+        # delayed scaling (coom_nemo/plan.py, _check_delayed_scaling):
+        # the factory refuses delayed scaling without it, so it is
+        # built for current scaling, changed, then set to delayed
+        from coom_nemo.recipe import PRECISIONS
+
         changes = {**changes, "recompute_granularity": "selective",
                    "recompute_modules": ["shared_experts"], "moe_shared_expert_overlap": False}
-    recipe = debug_recipe(factory, tmp_path, changes, precision=precision)
+        recipe = debug_recipe(factory, tmp_path, changes, precision="fp8-current")
+        recipe.trainer.plugins = PRECISIONS[precision]()
+    else:
+        recipe = debug_recipe(factory, tmp_path, changes, precision=precision)
     recorder, _ = train(recipe)
     assert all(torch.isfinite(torch.tensor(recorder.losses))), recorder.losses
     assert falls(recorder.losses), recorder.losses
