@@ -13,11 +13,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NEMO_ONE_LOGGER_ERROR_HANDLING_STRATEGY",
                       "DISABLE_QUIETLY_AND_REPORT_METRIC_ERROR")
 os.environ.setdefault("WANDB_MODE", "offline")
-# Tests compare CPU runs of separate processes bit for bit (resume vs an
-# uninterrupted run); MKL picks its code path by memory alignment unless
-# told to reproduce run to run (a resumed loss differed in its last bit
-# once, 2026-12-07). Children inherit it (child_env).
-os.environ.setdefault("MKL_CBWR", "AUTO")
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -1,8 +1,9 @@
 """Fault injection on the debug Llama recipe (CPU): kill -9 during a
 checkpoint write and mid-run, SIGTERM, a NaN, a run folder of another
 model. The interrupted run, resumed each time, must log what an
-uninterrupted run logs: every metric at every step (atol 0: the math is
-deterministic), validation on the same steps, the same checkpoints.
+uninterrupted run logs: every metric at every step (within 1e-6, see
+below; the GPU test compares at atol 0), validation on the same steps,
+the same checkpoints.
 
 One reference run and one interrupted chain serve every test:
 
@@ -96,6 +97,22 @@ def chain(tmp_path_factory):
     return directory, seen
 
 
+def same_values(ours, theirs, rel=1e-6) -> bool:
+    """Each value logged at a step matches one the other run logged
+    there, within ``rel``, both ways."""
+    def near(a, b):
+        return abs(a - b) <= rel * abs(b)
+
+    return (all(any(near(a, b) for b in theirs) for a in ours)
+            and all(any(near(a, b) for a in ours) for b in theirs))
+
+
+def test_the_comparison_tells_a_last_bit_from_a_resume_bug():
+    assert same_values([5.912932872772217, 5.912932872772217], [5.912933349609375])
+    assert not same_values([5.9134], [5.9129])  # a step's worth of drift
+    assert not same_values([1.0], [1.0, 2.0])
+
+
 def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(reference, chain):
     directory, seen = chain
     assert seen["A"] == seen["C"] == -signal.SIGKILL
@@ -111,8 +128,13 @@ def test_killed_and_resumed_run_logs_what_an_uninterrupted_run_logs(reference, c
         assert set(by_step) - set(ours[tag]) <= {7}, tag
         for step, values in ours[tag].items():
             # a step run twice (resumed before its validation) logs the
-            # same value twice
-            assert set(values) == set(by_step[step]), (tag, step, values, by_step[step])
+            # same value twice. Within 1e-6: in a full suite the resumed
+            # in-process run's loss or grad norm differed from the
+            # reference in the last bit (2 of 6 runs, 2026-12-07; never
+            # alone); a wrong data position, RNG or optimizer state
+            # moves them by 1e-4 and more. The GPU test compares at
+            # atol 0 (tests/test_gpu.py, deterministic mode)
+            assert same_values(values, by_step[step]), (tag, step, values, by_step[step])
     assert set(theirs["reduced_train_loss"]) - set(ours["reduced_train_loss"]) == {7}
 
 
