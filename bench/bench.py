@@ -75,8 +75,8 @@ VARIANTS = {
     "llama-coom-te-bf16-unfused": Variant("llama", "coom",
                                           config={"attention_backend": "unfused"}),
     "llama-coom-te-bf16-norope": Variant("llama", "coom", config={"apply_rope_fusion": False}),
-    # PyTorch's SDPA for core attention in TE's layers: around cuDNN's
-    # fused attention (the BF16 NaN, bench/RESULTS.md)
+    # PyTorch's SDPA for core attention in TE's layers (tried against
+    # the BF16 NaN; it hit it too, bench/RESULTS.md)
     "llama-coom-te-bf16-sdpa": Variant("llama", "coom", config={"sdpa_with_te": True}),
     # the one model-config difference from stock NeMo's BF16 run
     "llama-coom-te-bf16-native-ce": Variant("llama", "coom", config={

@@ -283,8 +283,7 @@ class Plan:
         ("DelayedScaling recipe is not supported with
         save_original_input", seen on an H100, 2026-12-07)."""
         c = self.cfg
-        selective = _field(c, "recompute_granularity") == "selective"
-        modules = (_field(c, "recompute_modules") or []) if selective else []
+        modules = _recomputed_modules(c)
         # the same for the layers whose norm or expert activation is
         # recomputed (transformer_layer.py:383-396, experts.py:813);
         # megatron-core's own check (transformer_config.py:990) runs
@@ -403,8 +402,9 @@ class Plan:
         heads = int(c.num_attention_heads)
         # elements a token keeps for the backward, averaged over layers
         per_token = sum(_saved_per_token(c, i) for i in range(layers)) / layers
-        per_layer = tokens * per_token * act_bytes
-        per_layer /= self.tp if self.sp or self.tp == 1 else 1
+        # sequence parallelism (or TP1) splits the saved tensors over TP
+        split = self.tp if self.sp or self.tp == 1 else 1
+        per_layer = tokens * per_token * act_bytes / split
         if _materializes_attention_probs(c):
             # heads x s x s softmax output, kept for the probs @ V
             # backward (measured: +8.8 GB for 8 layers at s = 4096)
@@ -423,7 +423,7 @@ class Plan:
         # embedding, two norms, the 2h concat and eh_proj's output
         mtp = int(_field(c, "mtp_num_layers", 0) or 0)
         activations += (mtp * tokens * (_saved_per_token(c, layers - 1) + 6 * h) * act_bytes
-                        / (self.tp if self.sp or self.tp == 1 else 1))
+                        / split)
         # the output layer's 16-bit logits, kept for its backward, and
         # the loss's fp32 copy of them (6 bytes a logit; 4 in fp32).
         # TE's fused cross entropy writes its gradient into the logits
@@ -463,6 +463,15 @@ class Plan:
             )
 
 
+def _recomputed_modules(config) -> set[str]:
+    """What selective recompute redoes (megatron-core's default list is
+    ["core_attn"]; an empty list redoes nothing); none otherwise."""
+    if _field(config, "recompute_granularity") != "selective":
+        return set()
+    listed = _field(config, "recompute_modules")
+    return {"core_attn"} if listed is None else set(listed)
+
+
 def _saved_per_token(c, layer: int) -> float:
     """Elements one token keeps for the backward in layer ``layer``
     (TE spec, flash attention, no dropout; after Korthikanti et al.,
@@ -477,10 +486,7 @@ def _saved_per_token(c, layer: int) -> float:
     the shared experts' fc1 and activation outputs (the MoE proxy's
     measured peaks at MBS 1, 2 and 4 are in tests/test_bench.py)."""
     h, heads = int(c.hidden_size), int(c.num_attention_heads)
-    modules = set()
-    if _field(c, "recompute_granularity") == "selective":
-        listed = _field(c, "recompute_modules")  # megatron-core's default: core_attn
-        modules = set(["core_attn"] if listed is None else listed)
+    modules = _recomputed_modules(c)
     saved = 2 * h if "layernorm" in modules else 4 * h  # the norms' outputs are redone
     if _field(c, "multi_latent_attention", False):
         qk = heads * (int(c.qk_head_dim) + int(c.qk_pos_emb_head_dim))
@@ -526,12 +532,8 @@ def _materializes_attention_probs(config) -> bool:
     # builds megatron-core's local attention whatever the backend says
     spec = _field(config, "transformer_layer_spec")
     spec = getattr(getattr(spec, "func", spec), "__name__", "")  # a partial's too
-    # selective recompute redoes core attention unless its modules
-    # leave it out (megatron-core's default list is ["core_attn"])
-    modules = _field(config, "recompute_modules")
-    recomputed = (_field(config, "recompute_granularity") == "selective"
-                  and "core_attn" in (["core_attn"] if modules is None else modules))
-    return (backend in ("local", "unfused") or spec == "local_layer_spec") and not recomputed
+    return ((backend in ("local", "unfused") or spec == "local_layer_spec")
+            and "core_attn" not in _recomputed_modules(config))
 
 
 def _precision_name(plugins, cpu: bool) -> str:
